@@ -1,0 +1,42 @@
+"""Atomic output folders: write to a temporary sibling, rename on success."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from edgekit.errors import OutputExistsError
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an existing output unless ``force``."""
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists", "pass --force to replace it, or choose another -o")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; move it to ``out`` only if the block succeeds.
+
+    A failure (or Ctrl-C) removes the temporary folder, so nothing partial is left at ``out``.
+    """
+    out = Path(out)
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

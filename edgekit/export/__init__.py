@@ -1,0 +1,164 @@
+"""``export_model``: trace a Hugging Face decoder into ONNX for one target.
+
+    MODEL ─resolve→ HF folder ─load→ torch model ─wrap→ DecoderForExport
+          ─torch.onnx (dynamo) + custom-op translations→ ai.edgekit graph
+          ─lower(target)→ model.onnx + edgekit.json (+ tokenizer, generation config)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from edgekit._files import atomic_dir, check_output
+from edgekit.types import DTYPES, TARGETS, ExportedGraph, TensorSpec, check_choice
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
+)
+# External data above this size: protobuf cannot hold more than 2 GB in one file.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def export_model(
+    model: str, out: str | Path, target: str = "ort", dtype: str = "fp32", force: bool = False
+) -> ExportedGraph:
+    """Export ``model`` (folder, preset or hub id) to ``out`` for ``target`` ("ort" | "portable").
+
+    Writes to a temporary folder and renames it on success: a failed export leaves nothing at ``out``.
+    """
+    from edgekit.errors import require
+
+    check_choice("target", target, TARGETS)
+    check_choice("dtype", dtype, DTYPES)
+    out = Path(out)
+    check_output(out, force)
+    require("torch", "export")
+    from edgekit.export import resolve
+    from edgekit.export.archs import arch_for
+
+    folder = resolve.resolve_model(model)
+    config = resolve.load_config(folder)
+    arch = arch_for(config, folder / "config.json")
+    generation = resolve.load_generation_config(folder)
+    hf_model = resolve.load_model(folder, config, dtype)
+    with atomic_dir(out, force) as tmp:
+        onnx_model = _trace(hf_model, arch)
+        from edgekit.export.lower import TARGET_OPSETS, lower
+
+        custom_ops = lower(onnx_model, target)
+        _save(onnx_model, tmp / "model.onnx")
+        tokenizer_files = _copy_tokenizer(folder, tmp)
+        graph = ExportedGraph(
+            path=tmp,
+            model=arch.spec(model, generation),
+            target=target,
+            dtype=dtype,
+            opset=TARGET_OPSETS[target],
+            custom_ops=tuple(custom_ops),
+            inputs=_specs(onnx_model.graph.inputs),
+            outputs=_specs(onnx_model.graph.outputs),
+            layers=arch.layers(),
+            kv_cache={"layout": "batch, kv_heads, sequence, head_dim", "shared_buffer": target == "ort", "dtype": dtype},
+            versions=_versions(),
+            tokenizer_files=tokenizer_files,
+        )
+        graph.save()
+    return ExportedGraph.load(out)
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, genai/optimum style."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", *past], ["logits", *present]
+
+
+def _trace(hf_model, arch):
+    """torch.onnx (dynamo) export of the wrapper; custom ops become ai.edgekit nodes."""
+    import torch
+
+    from edgekit.export.ops import TRANSLATIONS
+    from edgekit.export.wrapper import DecoderForExport
+
+    wrapper = DecoderForExport(hf_model, arch).eval()
+    cfg = arch.config
+    # Example sizes avoid 0 and 1, which torch.export would specialize on.
+    batch, seq, past_len = 2, 3, 5
+    dtype = hf_model.lm_head.weight.dtype
+    past = [torch.zeros(batch, cfg.num_key_value_heads, past_len, arch.head_dim, dtype=dtype)
+            for _ in range(2 * cfg.num_hidden_layers)]
+    ids = torch.zeros(batch, seq, dtype=torch.int64)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    dim = torch.export.Dim
+    b, s = dim("batch_size"), dim("sequence_length")
+    t, p = dim("total_sequence_length"), dim("past_sequence_length", min=0)
+    dynamic = ({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in past))  # *past is one entry
+    inputs, outputs = io_names(cfg.num_hidden_layers)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper, (ids, mask, *past), dynamo=True, input_names=inputs, output_names=outputs,
+            dynamic_shapes=dynamic, custom_translation_table=TRANSLATIONS, opset_version=23,
+            optimize=True, verify=False, report=False,
+        )
+    model = program.model
+    _name_present_dims(model)
+    return model
+
+
+def _name_present_dims(model) -> None:
+    """Present KV length: total for concat caches, the buffer length for a shared buffer."""
+    import onnx_ir as ir
+
+    for value in model.graph.outputs:
+        if value.name.startswith("present.") and value.shape is not None:
+            dims = list(value.shape)
+            dims[2] = ir.SymbolicDim("present_sequence_length")
+            value.shape = ir.Shape(dims)
+
+
+def _save(model, path: Path) -> None:
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = path.name + ".data" if size > EXTERNAL_DATA_BYTES else None
+    ir.save(model, path, external_data=external)
+
+
+def _copy_tokenizer(folder: Path, out: Path) -> tuple[str, ...]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy(folder / name, out / name)
+            copied.append(name)
+    return tuple(copied)
+
+
+def _specs(values) -> tuple[TensorSpec, ...]:
+    import onnx_ir as ir
+
+    def dtype(value):
+        return ir.DataType(value.dtype).numpy().name if value.dtype is not None else "unknown"
+
+    def shape(value):
+        return tuple(d if isinstance(d, int) else str(d) for d in (value.shape or ()))
+
+    return tuple(TensorSpec(v.name, dtype(v), shape(v)) for v in values)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import edgekit
+
+    versions = {"edgekit": edgekit.__version__}
+    for pkg in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return versions

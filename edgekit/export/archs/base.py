@@ -1,0 +1,105 @@
+"""The declarative description of a decoder-only family that the export wrapper reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from edgekit.errors import ConfigError
+from edgekit.types import LayerSpec, ModelSpec
+
+# Fields every family needs; a config missing one is refused by name.
+REQUIRED_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "vocab_size", "max_position_embeddings", "rms_norm_eps",
+)
+
+
+class DecoderArch:
+    """A Llama-shaped decoder: embed -> [norm, attention, norm, MLP] x L -> norm -> LM head.
+
+    Subclasses are mostly attributes; the Hugging Face module tree they describe is
+    ``model.model.{embed_tokens, layers[i].{input_layernorm, self_attn, post_attention_layernorm,
+    mlp}, norm, rotary_emb}`` and ``model.lm_head``.
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_type: ClassVar[str] = ""
+    qk_norm: ClassVar[bool] = False  # per-head RMSNorm on q and k before rotary (Qwen3)
+
+    def __init__(self, config: Any, config_path: Path | None = None):
+        self.config = config
+        self.config_path = config_path
+        for name in REQUIRED_FIELDS:
+            if getattr(config, name, None) is None:
+                where = config_path or "the model config"
+                raise ConfigError(f"{where} has no {name!r}", f"add {name!r} to config.json")
+
+    @staticmethod
+    def tiny_config() -> dict[str, Any]:
+        """A tiny config of this family (random weights) for tests and presets."""
+        raise NotImplementedError
+
+    @property
+    def head_dim(self) -> int:
+        # Hugging Face's own rule: an explicit head_dim wins (Qwen3 sets it != hidden/heads).
+        explicit = getattr(self.config, "head_dim", None)
+        return int(explicit) if explicit else self.config.hidden_size // self.config.num_attention_heads
+
+    def layer_window(self, index: int) -> int | None:
+        """Tokens a query of this layer sees (itself included), or None for global attention."""
+        types = getattr(self.config, "layer_types", None)
+        window = getattr(self.config, "sliding_window", None)
+        if types is not None:
+            return window if types[index] == "sliding_attention" else None
+        return window
+
+    def layers(self) -> tuple[LayerSpec, ...]:
+        cfg = self.config
+        specs = []
+        for i in range(cfg.num_hidden_layers):
+            window = self.layer_window(i)
+            kind = "sliding_attention" if window else "attention"
+            specs.append(LayerSpec(i, kind, cfg.num_key_value_heads, self.head_dim, window))
+        return tuple(specs)
+
+    def spec(self, source: str, generation: dict[str, Any]) -> ModelSpec:
+        cfg = self.config
+        eos = generation.get("eos_token_id", getattr(cfg, "eos_token_id", None))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return ModelSpec(
+            source=source,
+            architecture=cfg.architectures[0] if getattr(cfg, "architectures", None) else self.architectures[0],
+            model_type=cfg.model_type,
+            num_layers=cfg.num_hidden_layers,
+            hidden_size=cfg.hidden_size,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=self.head_dim,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+            bos_token_id=generation.get("bos_token_id", getattr(cfg, "bos_token_id", None)),
+        )
+
+
+def tiny_common(**overrides: Any) -> dict[str, Any]:
+    """Dimensions shared by the tiny test configs; GQA needs head_dim % 16 == 0 on ORT's CPU EP."""
+    base = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 2048,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "initializer_range": 0.1,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+    }
+    base.update(overrides)
+    return base

@@ -1,0 +1,10 @@
+"""edgekit custom ops: torch.library ops that tracing keeps whole, lowered per target."""
+
+from __future__ import annotations
+
+from edgekit.export.ops import attention, rms_norm
+from edgekit.export.ops._base import DOMAIN, OPS, LoweringContext
+
+TRANSLATIONS = {**attention.TRANSLATIONS, **rms_norm.TRANSLATIONS}
+
+__all__ = ["DOMAIN", "OPS", "TRANSLATIONS", "LoweringContext", "attention", "rms_norm"]

@@ -1,0 +1,196 @@
+"""Causal self-attention with rotary embedding and KV cache, as one edgekit op.
+
+Inputs (B = batch, S = new tokens, P = cached tokens, T = P + S):
+    q (B, S, H*D), k and v (B, S, KV*D)      projections, before rotary
+    past_key, past_value (B, KV, P, D)        the cache
+    attention_mask (B, T) int64               1 for real tokens (right padding)
+    cos_cache, sin_cache (max_pos, R/2)       rotary tables, R = rotary dim <= D
+Outputs: out (B, S, H*D), present_key and present_value (B, KV, T, D).
+
+Lowerings:
+    ort       one com.microsoft GroupQueryAttention node with rotary fused. Given
+              past and present bound to one preallocated (B, KV, max_len, D) buffer,
+              GQA writes the new rows in place, so decode copies no cache.
+    portable  RotaryEmbedding (opset 23), Concat onto the cache, opset-23 Attention
+              with a boolean mask; the KV update stays outside the Attention node,
+              which keeps one output as TensorRT's parser requires.
+
+                 q ──RotaryEmbedding──────────────────────────┐
+    k ──RotaryEmbedding──Reshape/Transpose──Concat(past_key)──Attention──Transpose/Reshape── out
+    v ─────────────────────Reshape/Transpose──Concat(past_value)──┘
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekit.export.ops._base import OpDef, emit, register_op
+
+
+def _positions(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Positions of the S new tokens: total length - S + arange(S). -> (B, S)"""
+    total = attention_mask.sum(-1, keepdim=True)
+    return total - seq_len + torch.arange(seq_len, device=attention_mask.device)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary on the first R dims. x (B, S, N, D), cos/sin (B, S, R/2)."""
+    rot = cos.shape[-1] * 2
+    x1, x2, rest = x[..., : rot // 2], x[..., rot // 2 : rot], x[..., rot:]
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, S, 1, R/2)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+
+
+@torch.library.custom_op("edgekit::attention", mutates_args=())
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    past_key: torch.Tensor, past_value: torch.Tensor, attention_mask: torch.Tensor,
+    cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+    num_heads: int, num_kv_heads: int, scale: float, window: int, softcap: float, layer: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference kernel (eager torch); the ONNX lowerings must match it."""
+    b, s, _ = q.shape
+    d = past_key.shape[-1]
+    pos = _positions(attention_mask, s)  # (B, S)
+    cos, sin = cos_cache[pos], sin_cache[pos]  # (B, S, R/2)
+    q4 = _rotate(q.view(b, s, num_heads, d), cos, sin).transpose(1, 2)  # (B, H, S, D)
+    k4 = _rotate(k.view(b, s, num_kv_heads, d), cos, sin).transpose(1, 2)  # (B, KV, S, D)
+    v4 = v.view(b, s, num_kv_heads, d).transpose(1, 2)  # (B, KV, S, D)
+    present_key = torch.cat([past_key, k4], dim=2)  # (B, KV, T, D)
+    present_value = torch.cat([past_value, v4], dim=2)
+    group = num_heads // num_kv_heads
+    keys = present_key.repeat_interleave(group, dim=1)  # (B, H, T, D)
+    values = present_value.repeat_interleave(group, dim=1)
+    scores = (q4 @ keys.transpose(-1, -2)).float() * scale  # (B, H, S, T)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    key_pos = torch.arange(present_key.shape[2], device=q.device)  # (T,)
+    allowed = key_pos[None, None, :] <= pos[:, :, None]  # (B, S, T)
+    if window > 0:
+        allowed = allowed & (key_pos[None, None, :] > pos[:, :, None] - window)
+    allowed = allowed & attention_mask.bool()[:, None, :]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = (probs @ values).transpose(1, 2).reshape(b, s, num_heads * d)  # (B, S, H*D)
+    return out, present_key, present_value
+
+
+@attention.register_fake
+def _(q, k, v, past_key, past_value, attention_mask, cos_cache, sin_cache,
+      num_heads, num_kv_heads, scale, window, softcap, layer):
+    b, kv, p, d = past_key.shape
+    total = p + q.shape[1]
+    return torch.empty_like(q), past_key.new_empty(b, kv, total, d), past_value.new_empty(b, kv, total, d)
+
+
+def _attrs(node) -> dict:
+    a = node.attributes
+    return {
+        "num_heads": a["num_heads"].as_int(), "num_kv_heads": a["num_kv_heads"].as_int(),
+        "scale": a["scale"].as_float(), "window": a["window"].as_int(),
+        "softcap": a["softcap"].as_float(), "layer": a["layer"].as_int(),
+    }
+
+
+def _lengths(ctx, mask):
+    """seqlens_k = tokens - 1 (int32, (B,)) and total_sequence_length (int32 scalar) for GQA."""
+    def build():
+        tokens = ctx.op("ReduceSum", [mask, ctx.const([1])], {"keepdims": 0})  # (B,)
+        seqlens = ctx.op("Cast", [ctx.op("Sub", [tokens, ctx.const(1)])], {"to": 6})  # int32
+        width = ctx.op("Shape", [mask], {"start": 1, "end": 2})  # (1,)
+        total = ctx.op("Cast", [ctx.op("Squeeze", [width, ctx.const([0])])], {"to": 6})  # ()
+        return seqlens, total
+    return ctx.once(("gqa_lengths", mask.name), build)
+
+
+def _lower_ort(ctx, node):
+    q, k, v, past_k, past_v, mask, cos, sin = node.inputs
+    a = _attrs(node)
+    ctx.prefix = f"/model/layers.{a['layer']}/attn"
+    seqlens, total = _lengths(ctx, mask)
+    attrs = {
+        "num_heads": a["num_heads"], "kv_num_heads": a["num_kv_heads"], "scale": a["scale"],
+        "local_window_size": a["window"] if a["window"] > 0 else -1,
+        "softcap": a["softcap"], "do_rotary": 1, "rotary_interleaved": 0,
+    }
+    inputs = [q, k, v, past_k, past_v, seqlens, total, cos, sin]
+    return ctx.multi("GroupQueryAttention", inputs, attrs, 3, domain="com.microsoft")
+
+
+def _portable_positions(ctx, mask, q):
+    """(B, S) int64 positions of the new tokens: tokens - S + arange(S)."""
+    def build():
+        tokens = ctx.op("ReduceSum", [mask, ctx.const([1])], {"keepdims": 1})  # (B, 1)
+        seq = ctx.op("Shape", [q], {"start": 1, "end": 2})  # (1,)
+        seq_scalar = ctx.op("Squeeze", [seq, ctx.const([0])])
+        steps = ctx.op("Range", [ctx.const(0), seq_scalar, ctx.const(1)])  # (S,)
+        first = ctx.op("Sub", [tokens, seq])  # (B, 1)
+        return ctx.op("Add", [first, steps])  # (B, S)
+    return ctx.once(("positions", mask.name), build)
+
+
+def _portable_mask(ctx, mask, positions, window):
+    """(B, 1, S, T) bool: key j visible to query i iff j <= pos_i, inside the window, and not padding."""
+    def build():
+        width = ctx.op("Squeeze", [ctx.op("Shape", [mask], {"start": 1, "end": 2}), ctx.const([0])])
+        keys = ctx.op("Range", [ctx.const(0), width, ctx.const(1)])  # (T,)
+        query = ctx.op("Unsqueeze", [positions, ctx.const([2])])  # (B, S, 1)
+        allowed = ctx.op("LessOrEqual", [keys, query])  # (B, S, T)
+        if window > 0:
+            lowest = ctx.op("Sub", [query, ctx.const(window)])
+            allowed = ctx.op("And", [allowed, ctx.op("Greater", [keys, lowest])])
+        real = ctx.op("Cast", [ctx.op("Unsqueeze", [mask, ctx.const([1])])], {"to": 9})  # (B, 1, T)
+        allowed = ctx.op("And", [allowed, real])
+        return ctx.op("Unsqueeze", [allowed, ctx.const([1])])  # (B, 1, S, T)
+    return ctx.once(("mask", mask.name, window), build)
+
+
+def _lower_portable(ctx, node):
+    q, k, v, past_k, past_v, mask, cos, sin = node.inputs
+    a = _attrs(node)
+    h, kv = a["num_heads"], a["num_kv_heads"]
+    positions = _portable_positions(ctx, mask, q)
+    bool_mask = _portable_mask(ctx, mask, positions, a["window"])
+    ctx.prefix = f"/model/layers.{a['layer']}/attn"
+    d = past_k.shape[-1] if past_k.shape is not None else None
+    rot_dim = cos.shape[-1] * 2 if cos.shape is not None and isinstance(cos.shape[-1], int) else 0
+    rope = {"interleaved": 0}
+    if rot_dim and d and rot_dim != d:
+        rope["rotary_embedding_dim"] = rot_dim
+    q_rot = ctx.op("RotaryEmbedding", [q, cos, sin, positions], {**rope, "num_heads": h})  # (B, S, H*D)
+    k_rot = ctx.op("RotaryEmbedding", [k, cos, sin, positions], {**rope, "num_heads": kv})
+    heads_first = [0, 2, 1, 3]
+    split = lambda n: ctx.const([0, 0, n, -1])  # noqa: E731  (B, S, N*D) -> (B, S, N, D)
+    q4 = ctx.op("Transpose", [ctx.op("Reshape", [q_rot, split(h)])], {"perm": heads_first})  # (B, H, S, D)
+    k4 = ctx.op("Transpose", [ctx.op("Reshape", [k_rot, split(kv)])], {"perm": heads_first})  # (B, KV, S, D)
+    v4 = ctx.op("Transpose", [ctx.op("Reshape", [v, split(kv)])], {"perm": heads_first})
+    present_k = ctx.op("Concat", [past_k, k4], {"axis": 2})  # (B, KV, T, D)
+    present_v = ctx.op("Concat", [past_v, v4], {"axis": 2})
+    attrs = {"scale": a["scale"]}
+    if a["softcap"] > 0:
+        attrs["softcap"] = a["softcap"]
+    y = ctx.op("Attention", [q4, present_k, present_v, bool_mask], attrs)  # (B, H, S, D)
+    merged = ctx.op("Reshape", [ctx.op("Transpose", [y], {"perm": heads_first}), ctx.const([0, 0, -1])])
+    return [merged, present_k, present_v]  # merged: (B, S, H*D)
+
+
+ATTENTION = register_op(
+    OpDef(
+        "CausalAttention",
+        ("q", "k", "v", "past_key", "past_value", "attention_mask", "cos_cache", "sin_cache"),
+        ("out", "present_key", "present_value"),
+        {"num_heads": "int", "num_kv_heads": "int", "scale": "float", "window": "int", "softcap": "float", "layer": "int"},
+        {"ort": _lower_ort, "portable": _lower_portable},
+    )
+)
+
+
+def translate_attention(q, k, v, past_key, past_value, attention_mask, cos_cache, sin_cache,
+                        num_heads: int, num_kv_heads: int, scale: float, window: int, softcap: float, layer: int):
+    return emit(
+        "CausalAttention", q, k, v, past_key, past_value, attention_mask, cos_cache, sin_cache,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, window=window, softcap=softcap, layer=layer,
+    )
+
+
+TRANSLATIONS = {torch.ops.edgekit.attention.default: translate_attention}

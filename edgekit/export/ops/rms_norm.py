@@ -1,0 +1,90 @@
+"""RMSNorm and residual-add + RMSNorm as edgekit ops.
+
+ort:      SimplifiedLayerNormalization / com.microsoft SkipSimplifiedLayerNormalization
+portable: RMSNormalization (opset 23), preceded by Add for the fused form
+Both compute the statistics in fp32 (stash_type=1), like Hugging Face's RMSNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekit.export.ops._base import OpDef, emit, register_op
+
+
+@torch.library.custom_op("edgekit::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = weight * x / sqrt(mean(x^2) + eps), statistics in fp32."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("edgekit::add_rms_norm", mutates_args=())
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual): the norm and the new residual stream."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _lower_rms_ort(ctx, node):
+    x, w = node.inputs
+    eps = node.attributes["epsilon"].as_float()
+    return [ctx.op("SimplifiedLayerNormalization", [x, w], {"axis": -1, "epsilon": eps, "stash_type": 1})]
+
+
+def _lower_rms_portable(ctx, node):
+    x, w = node.inputs
+    return [_rms_normalization(ctx, x, w, node.attributes["epsilon"].as_float())]
+
+
+def _lower_add_rms_ort(ctx, node):
+    x, residual, w = node.inputs
+    eps = node.attributes["epsilon"].as_float()
+    # Outputs: output, mean, inv_std_var, input_skip_bias_sum.
+    out = ctx.multi("SkipSimplifiedLayerNormalization", [x, residual, w], {"epsilon": eps}, 4, domain="com.microsoft")
+    return [out[0], out[3]]
+
+
+def _lower_add_rms_portable(ctx, node):
+    x, residual, w = node.inputs
+    total = ctx.op("Add", [x, residual])
+    return [_rms_normalization(ctx, total, w, node.attributes["epsilon"].as_float()), total]
+
+
+def _rms_normalization(ctx, x, w, eps):
+    return ctx.op("RMSNormalization", [x, w], {"axis": -1, "epsilon": eps, "stash_type": 1})
+
+
+RMS_NORM = register_op(
+    OpDef("RMSNorm", ("x", "weight"), ("y",), {"epsilon": "float"},
+          {"ort": _lower_rms_ort, "portable": _lower_rms_portable})
+)
+ADD_RMS_NORM = register_op(
+    OpDef("AddRMSNorm", ("x", "residual", "weight"), ("y", "sum"), {"epsilon": "float"},
+          {"ort": _lower_add_rms_ort, "portable": _lower_add_rms_portable})
+)
+
+
+def translate_rms_norm(x, weight, eps: float):
+    return emit("RMSNorm", x, weight, epsilon=eps)
+
+
+def translate_add_rms_norm(x, residual, weight, eps: float):
+    return emit("AddRMSNorm", x, residual, weight, epsilon=eps)
+
+
+TRANSLATIONS = {
+    torch.ops.edgekit.rms_norm.default: translate_rms_norm,
+    torch.ops.edgekit.add_rms_norm.default: translate_add_rms_norm,
+}

@@ -1,0 +1,123 @@
+"""Token generation over any runtime session: greedy or sampled, streamed, timed.
+
+Device-side code: NumPy only (no torch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+
+
+class Stepper(Protocol):
+    """What generation needs from a runtime session."""
+
+    def reset(self, capacity: int = 0) -> None: ...
+    def forward(self, token_ids: list[int]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; all None means greedy."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature is None and self.top_k is None and self.top_p is None or self.temperature == 0
+
+    def check(self) -> "Sampling":
+        if self.temperature is not None and self.temperature < 0:
+            raise EdgekitError(f"--temperature {self.temperature} is negative", "use 0 (greedy) or a positive value")
+        if self.top_k is not None and self.top_k < 1:
+            raise EdgekitError(f"--top-k {self.top_k} must be >= 1", "use e.g. --top-k 50")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise EdgekitError(f"--top-p {self.top_p} must be in (0, 1]", "use e.g. --top-p 0.9")
+        return self
+
+
+def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """Pick the next token from one row of logits."""
+    if sampling.greedy:
+        return int(np.argmax(logits))
+    scores = logits.astype(np.float64) / (sampling.temperature or 1.0)
+    if sampling.top_k is not None and sampling.top_k < scores.size:
+        cutoff = np.partition(scores, -sampling.top_k)[-sampling.top_k]
+        scores = np.where(scores < cutoff, -np.inf, scores)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if sampling.top_p is not None and sampling.top_p < 1:
+        order = np.argsort(-probs)
+        keep = np.cumsum(probs[order]) - probs[order] < sampling.top_p  # always keeps the top token
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+@dataclass
+class Generation:
+    """The outcome of one generate call, with its timings."""
+
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    stopped_by: str = "length"
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second of decoding."""
+        steps = len(self.token_ids) - 1
+        return steps / (self.decode_ms / 1000) if steps > 0 and self.decode_ms > 0 else 0.0
+
+
+def generate(
+    session: Stepper,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_ids: tuple[int, ...] = (),
+    on_token: Callable[[int], None] | None = None,
+) -> Generation:
+    """Prefill ``prompt_ids`` then decode up to ``max_new_tokens``; ``on_token`` streams each id."""
+    if not prompt_ids:
+        raise EdgekitError("the prompt is empty", "pass --prompt TEXT or --prompt-ids 1,2,3")
+    result = Generation(prompt_tokens=len(prompt_ids))
+    rng = np.random.default_rng(sampling.seed)
+    session.reset(len(prompt_ids) + max_new_tokens)
+    start = time.perf_counter()
+    for token in _tokens(session, prompt_ids, max_new_tokens, sampling, rng):
+        now = time.perf_counter()
+        if not result.token_ids:
+            result.ttft_ms = (now - start) * 1000
+            decode_start = now
+        else:
+            result.decode_ms = (now - decode_start) * 1000
+        result.token_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in eos_ids:
+            result.stopped_by = "eos"
+            break
+    return result
+
+
+def _tokens(session: Stepper, prompt_ids, max_new_tokens, sampling, rng) -> Iterator[int]:
+    if max_new_tokens <= 0:
+        return
+    token = sample(session.forward(prompt_ids)[-1], sampling, rng)
+    yield token
+    for _ in range(max_new_tokens - 1):
+        token = sample(session.forward([token])[-1], sampling, rng)
+        yield token

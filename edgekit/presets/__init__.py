@@ -1,0 +1,56 @@
+"""Built-in presets: a family's tiny config, the shipped tokenizer and seeded random weights.
+
+A preset is materialized once into the cache (``$EDGEKIT_CACHE`` or ``~/.cache/edgekit``)
+as an ordinary Hugging Face folder, so export and validate read the very same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
+DEFAULT_PRESET = "tiny-qwen3"
+
+# preset name -> (Hugging Face architecture, seed)
+PRESETS: dict[str, tuple[str, int]] = {
+    "tiny-llama": ("LlamaForCausalLM", 0),
+    "tiny-qwen3": ("Qwen3ForCausalLM", 0),
+    "tiny-qwen2": ("Qwen2ForCausalLM", 0),
+    "tiny-mistral": ("MistralForCausalLM", 0),
+}
+
+
+def cache_dir() -> Path:
+    """Where presets are materialized."""
+    return Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
+
+
+def preset_config(name: str) -> dict:
+    """The Hugging Face config dict of a preset."""
+    from edgekit.export.archs import families
+
+    architecture, _ = PRESETS[name]
+    return families()[architecture].tiny_config()
+
+
+def materialize(name: str) -> Path:
+    """Write the preset's Hugging Face folder (config, seeded weights, tokenizer) if missing."""
+    import torch
+    import transformers
+
+    from edgekit._files import atomic_dir
+
+    folder = cache_dir() / "presets" / f"{name}-transformers{transformers.__version__}"
+    if (folder / "config.json").is_file():
+        return folder
+    architecture, seed = PRESETS[name]
+    config = transformers.AutoConfig.for_model(**preset_config(name))
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).eval()
+    with atomic_dir(folder, force=True) as tmp:
+        model.save_pretrained(tmp)
+        for item in TOKENIZER_DIR.iterdir():
+            shutil.copy(item, tmp / item.name)
+    return folder

@@ -1,0 +1,1 @@
+"""Runtimes: one file per backend. Vendor SDKs are imported inside their functions."""

@@ -1,0 +1,167 @@
+"""Frozen artifacts that flow between stages; each one is a folder with a JSON sidecar.
+
+``ExportedGraph`` is what ``export_model`` writes and what every runtime reads: it
+is plain data (no torch), so the device side can load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import ArtifactError, ConfigError
+
+SIDECAR = "edgekit.json"
+SCHEMA_VERSION = 1
+
+TARGETS = ("ort", "portable")
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, element type and symbolic shape."""
+
+    name: str
+    dtype: str  # numpy-style name: "int64", "float32", "float16", "bfloat16"
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a runtime must allocate for one decoder layer."""
+
+    index: int
+    kind: str  # "attention" | "sliding_attention"
+    num_kv_heads: int
+    head_dim: int
+    window: int | None = None  # tokens a query sees, itself included; None = global
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model an export came from, with every dimension read from its config."""
+
+    source: str
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    """An export folder: model.onnx (+ data), tokenizer files and the I/O contract."""
+
+    path: Path
+    model: ModelSpec
+    target: str
+    dtype: str
+    opset: dict[str, int]
+    custom_ops: tuple[str, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    layers: tuple[LayerSpec, ...]
+    kv_cache: dict[str, Any]
+    versions: dict[str, str]
+    model_file: str = "model.onnx"
+    tokenizer_files: tuple[str, ...] = ()
+    kind: str = field(default="export")
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.model_file
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return {"schema_version": SCHEMA_VERSION, **data}
+
+    def save(self) -> None:
+        """Write the sidecar into ``self.path``."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        (self.path / SIDECAR).write_text(text + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExportedGraph":
+        """Read an export folder, checking that the sidecar and model file exist."""
+        path = Path(path)
+        data = read_sidecar(path)
+        if data.get("kind") != "export":
+            raise ArtifactError(
+                f"{path} is a {data.get('kind')!r} folder, not an export",
+                "pass the folder written by `edgekit export`",
+            )
+        try:
+            graph = cls(
+                path=path,
+                model=ModelSpec(**_tuples(data["model"], ("eos_token_ids",))),
+                target=data["target"],
+                dtype=data["dtype"],
+                opset=data["opset"],
+                custom_ops=tuple(data["custom_ops"]),
+                inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["inputs"]),
+                outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["outputs"]),
+                layers=tuple(LayerSpec(**layer) for layer in data["layers"]),
+                kv_cache=data["kv_cache"],
+                versions=data["versions"],
+                model_file=data["model_file"],
+                tokenizer_files=tuple(data["tokenizer_files"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(
+                f"{path / SIDECAR} is malformed ({type(exc).__name__}: {exc})",
+                "re-export the model with `edgekit export ... --force`",
+            ) from None
+        if not graph.model_path.is_file():
+            raise ArtifactError(
+                f"{graph.model_path} is missing", "re-export the model with `edgekit export ... --force`"
+            )
+        return graph
+
+
+def _tuples(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: (tuple(v) if k in keys else v) for k, v in data.items()}
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """Load ``path/edgekit.json`` with errors that name the folder."""
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist", "pass a folder written by `edgekit export`")
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a folder", "pass a folder written by `edgekit export`")
+    sidecar = path / SIDECAR
+    if not sidecar.is_file():
+        raise ArtifactError(
+            f"{path} has no {SIDECAR}: it is not an edgekit export",
+            "export it first: edgekit export MODEL -o " + str(path),
+        )
+    try:
+        data = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{sidecar} is not valid JSON ({exc})", "re-export with --force") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{sidecar} has schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}, "
+            f"this edgekit reads {SCHEMA_VERSION}",
+            "re-export with this edgekit version",
+        )
+    return data
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Validate an enumerated option, naming the valid values."""
+    if value not in choices:
+        raise ConfigError(f"{name} {value!r} is not one of {', '.join(choices)}", f"use one of: {', '.join(choices)}")
+    return value
