@@ -1,0 +1,59 @@
+"""The ``edgekit`` command: one module per command, each a thin shell over a stage function.
+
+Nothing here imports torch or transformers at module level, so ``edgekit --help`` is fast
+and works on a device that has neither.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from edgekit import __version__
+from edgekit.cli import export as export_cmd
+from edgekit.cli import run as run_cmd
+from edgekit.cli import validate as validate_cmd
+from edgekit.cli._output import print_error
+from edgekit.errors import EdgekitError
+
+app = typer.Typer(
+    name="edgekit",
+    help="Take a PyTorch LLM to the hardware you own: export, validate, run.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """edgekit: export → validate → run."""
+
+
+app.command("export")(export_cmd.export)
+app.command("run")(run_cmd.run)
+app.command("validate")(validate_cmd.validate)
+
+
+def main() -> None:
+    """Console entry point: errors for users become 'error:' / 'hint:' lines and exit 1."""
+    try:
+        app()
+    except EdgekitError as exc:
+        if os.environ.get("EDGEKIT_DEBUG") == "1":
+            raise
+        print_error(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print_error(EdgekitError("interrupted"))
+        sys.exit(130)

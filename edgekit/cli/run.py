@@ -1,0 +1,66 @@
+"""``edgekit run PATH --prompt TEXT``: streaming generation on ONNX Runtime."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from edgekit.cli._output import console, print_json
+from edgekit.errors import EdgekitError
+
+
+def run(
+    path: Path = typer.Argument(..., help="An export folder."),
+    prompt: str = typer.Option(None, "--prompt", help="Prompt text (needs the export's tokenizer)."),
+    prompt_ids: str = typer.Option(None, "--prompt-ids", help="Prompt token ids, comma separated: 1,2,3."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(None, "--temperature", help="Sampling temperature (greedy if no sampling option)."),
+    top_k: int = typer.Option(None, "--top-k", help="Sample among the K most likely tokens."),
+    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
+    seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
+    threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores)."),
+    json_out: bool = typer.Option(False, "--json", help="Print token ids, text and timings as JSON."),
+) -> None:
+    """Generate from PROMPT with the exported model (greedy unless a sampling option is given)."""
+    from edgekit.generate import Sampling, generate
+    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.tokenizer import load_tokenizer
+
+    sampling = Sampling(temperature, top_k, top_p, seed).check()
+    if max_new_tokens < 1:
+        raise EdgekitError(f"--max-new-tokens {max_new_tokens} must be >= 1", "e.g. --max-new-tokens 64")
+    session = open_session(path, threads=threads)
+    tokenizer = load_tokenizer(session.graph, required=prompt is not None)
+    ids = _prompt_ids(prompt, prompt_ids, tokenizer)
+    stream = None if json_out or tokenizer is None else tokenizer.stream(sys.stdout)
+    result = generate(session, ids, max_new_tokens, sampling, session.graph.model.eos_token_ids,
+                      on_token=stream.push if stream else None)
+    text = tokenizer.decode(result.token_ids) if tokenizer else None
+    if json_out:
+        print_json({
+            "token_ids": result.token_ids, "text": text, "prompt_tokens": result.prompt_tokens,
+            "ttft_ms": result.ttft_ms, "decode_tokens_per_s": result.decode_tokens_per_s,
+            "stopped_by": result.stopped_by, "provider": session.providers[0],
+        })
+        return
+    if stream is None:
+        sys.stdout.write(",".join(map(str, result.token_ids)))
+    sys.stdout.write("\n")
+    console.print(
+        f"[dim]{len(result.token_ids)} tokens · first token {result.ttft_ms:.1f} ms · "
+        f"decode {result.decode_tokens_per_s:.1f} tok/s · {session.providers[0]}[/]"
+    )
+
+
+def _prompt_ids(prompt, prompt_ids, tokenizer) -> list[int]:
+    if (prompt is None) == (prompt_ids is None):
+        raise EdgekitError("pass exactly one of --prompt and --prompt-ids", "e.g. --prompt 'def main():'")
+    if prompt is not None:
+        return tokenizer.encode(prompt)
+    try:
+        return [int(x) for x in prompt_ids.split(",") if x.strip()]
+    except ValueError:
+        raise EdgekitError(f"--prompt-ids {prompt_ids!r} is not a comma-separated list of integers",
+                           "e.g. --prompt-ids 1,2,3") from None

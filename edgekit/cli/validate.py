@@ -1,0 +1,35 @@
+"""``edgekit validate PATH --reference MODEL``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgekit.cli._output import console, print_json, quiet_libraries
+
+
+def validate(
+    path: Path = typer.Argument(..., help="An export folder."),
+    reference: str = typer.Option(..., "--reference", help="The PyTorch model: folder, hub id or preset."),
+    prompt_length: int = typer.Option(16, "--prompt-length", help="Prompt tokens."),
+    steps: int = typer.Option(32, "--steps", help="Greedy tokens to compare (the first comes from the prompt)."),
+    tolerance: float = typer.Option(None, "--tolerance", help="Max abs logit difference (default by dtype: fp32 1e-3)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Compare the export's logits and greedy tokens with PyTorch; exit 1 when over tolerance."""
+    quiet_libraries()
+    from edgekit.validate import validate as run_validate
+
+    with console.status("Validating against PyTorch..."):
+        report = run_validate(path, reference, prompt_length=prompt_length, steps=steps, tolerance=tolerance)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
+        console.print(
+            f"{verdict}  max |Δlogit| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.0e}), "
+            f"min cosine {report.min_cosine_similarity:.6f}, greedy {report.greedy_match}/{report.greedy_total}"
+        )
+    if not report.passed:
+        raise typer.Exit(1)
