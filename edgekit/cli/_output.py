@@ -30,6 +30,9 @@ def quiet_libraries() -> None:
     """Keep torch / transformers chatter (progress bars, notices) off the user's screen."""
     import logging
     import os
+    import warnings
+
+    warnings.filterwarnings("ignore")  # torch/transformers deprecation notices are not the user's to fix
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
 from edgekit.errors import ConfigError
 from edgekit.types import LayerSpec, ModelSpec
 
-# Fields every family needs; a config missing one is refused by name.
-REQUIRED_FIELDS = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "vocab_size", "max_position_embeddings", "rms_norm_eps",
-)
+# Fields every family needs in config.json itself; transformers would silently fill in
+# its defaults (a 4096-wide model), so a config.json missing one is refused by name.
+REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 
 
 class DecoderArch:
@@ -30,10 +29,10 @@ class DecoderArch:
     def __init__(self, config: Any, config_path: Path | None = None):
         self.config = config
         self.config_path = config_path
+        raw = json.loads(config_path.read_text()) if config_path is not None else config.to_dict()
         for name in REQUIRED_FIELDS:
-            if getattr(config, name, None) is None:
-                where = config_path or "the model config"
-                raise ConfigError(f"{where} has no {name!r}", f"add {name!r} to config.json")
+            if raw.get(name) is None:
+                raise ConfigError(f"{config_path or 'the model config'} has no {name!r}", f"add {name!r} to config.json")
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:
