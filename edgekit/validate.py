@@ -89,18 +89,12 @@ def _compare(graph, got, ref, prompt_length, tolerance) -> ValidationReport:
 
 def _reference(reference: str, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
     """PyTorch fp32 logits for the prompt and ``steps - 1`` greedy decode steps, and the greedy tokens."""
-    import torch
+    from edgekit.runtimes.torch import TorchSession, load_reference
 
-    from edgekit.runtimes.torch import load_reference
-
-    model = load_reference(reference)
-    rows, tokens = [], []
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        for step in range(steps):
-            logits = out.logits[0].float()  # (S, vocab)
-            rows.append(logits.numpy())
-            tokens.append(int(logits[-1].argmax()))
-            if step + 1 < steps:
-                out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    session = TorchSession(load_reference(reference))
+    rows = [session.forward(prompt)]  # (S, vocab)
+    tokens = [int(rows[-1][-1].argmax())]
+    for _ in range(steps - 1):
+        rows.append(session.forward([tokens[-1]]))
+        tokens.append(int(rows[-1][-1].argmax()))
     return np.concatenate(rows), tokens

@@ -74,24 +74,27 @@ class OrtSession:
         self._length = 0
         self._capacity = 0
         self._past: list[Any] = []
+        self._arrays: list[np.ndarray] = []
         if self.shared:
             self._allocate(max(capacity, 64))
         else:
-            self._past = [self._zeros(layer, 0) for layer in self.graph.layers for _ in range(2)]
+            self._past = self._wrap([self._zeros(layer, 0) for layer in self.graph.layers for _ in range(2)])
 
-    def _zeros(self, layer, length: int):
-        shape = (1, layer.num_kv_heads, length, layer.head_dim)
-        return self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype))
+    def _zeros(self, layer, length: int) -> np.ndarray:
+        return np.zeros((1, layer.num_kv_heads, length, layer.head_dim), dtype=self.dtype)
+
+    def _wrap(self, arrays: list[np.ndarray]) -> list[Any]:
+        # OrtValues over NumPy memory (no copy); the arrays are kept alive alongside.
+        self._arrays = arrays
+        return [self.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
 
     def _allocate(self, capacity: int) -> None:
         """(Re)allocate shared buffers, keeping what is cached."""
         capacity = min(capacity, self.graph.model.max_position_embeddings)
-        old = [v.numpy() for v in self._past] if self._past else None
-        self._past = [self._zeros(layer, capacity) for layer in self.graph.layers for _ in range(2)]
-        if old is not None:
-            for value, previous in zip(self._past, old):
-                array = value.numpy()  # a view of the OrtValue's memory on CPU
-                array[:, :, : self._length] = previous[:, :, : self._length]
+        arrays = [self._zeros(layer, capacity) for layer in self.graph.layers for _ in range(2)]
+        for new, old in zip(arrays, self._arrays):
+            new[:, :, : self._length] = old[:, :, : self._length]
+        self._past = self._wrap(arrays)
         self._capacity = capacity
 
     def forward(self, token_ids: list[int] | np.ndarray) -> np.ndarray:

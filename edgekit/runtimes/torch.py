@@ -25,7 +25,12 @@ class TorchSession:
     """The generation contract (reset / forward) over transformers with its DynamicCache."""
 
     def __init__(self, model: Any):
+        import inspect
+
         self.model = model
+        # transformers renamed `past_key_values` to `cache` during 5.x; accept both.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.reset()
 
     def reset(self, capacity: int = 0) -> None:
@@ -35,6 +40,7 @@ class TorchSession:
         import torch
 
         with torch.no_grad():
-            out = self.model(torch.tensor([list(token_ids)]), past_key_values=self._past, use_cache=True)
+            kwargs = {self._cache_arg: self._past, "use_cache": True}
+            out = self.model(torch.tensor([list(token_ids)]), **kwargs)
         self._past = out.past_key_values
         return out.logits[0].float().numpy()
