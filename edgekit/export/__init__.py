@@ -103,7 +103,7 @@ def _trace(hf_model, arch):
         program = torch.onnx.export(
             wrapper, (ids, mask, *past), dynamo=True, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic, custom_translation_table=TRANSLATIONS, opset_version=23,
-            optimize=True, verify=False, report=False,
+            optimize=True, verify=False, report=False, verbose=False,
         )
     model = program.model
     _name_present_dims(model)

@@ -42,5 +42,5 @@ class TorchSession:
         with torch.no_grad():
             kwargs = {self._cache_arg: self._past, "use_cache": True}
             out = self.model(torch.tensor([list(token_ids)]), **kwargs)
-        self._past = out.past_key_values
+        self._past = out[self._cache_arg] if self._cache_arg in out else out.past_key_values
         return out.logits[0].float().numpy()
