@@ -13,6 +13,7 @@ import typer
 
 from edgekit import __version__
 from edgekit.cli import export as export_cmd
+from edgekit.cli import profiles as profiles_cmd
 from edgekit.cli import run as run_cmd
 from edgekit.cli import validate as validate_cmd
 from edgekit.cli._output import print_error
@@ -43,6 +44,7 @@ def _root(
 app.command("export")(export_cmd.export)
 app.command("run")(run_cmd.run)
 app.command("validate")(validate_cmd.validate)
+app.add_typer(profiles_cmd.app, name="profiles")
 
 
 def main() -> None:
