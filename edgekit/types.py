@@ -17,7 +17,7 @@ from edgekit.errors import ArtifactError, ConfigError
 SIDECAR = "edgekit.json"
 SCHEMA_VERSION = 1
 
-TARGETS = ("ort", "portable")
+TARGETS = ("ort", "portable", "decomposed")
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -75,9 +75,11 @@ class ExportedGraph:
     layers: tuple[LayerSpec, ...]
     kv_cache: dict[str, Any]
     versions: dict[str, str]
+    ops: tuple[str, ...] = ()  # every op type in the graph, "domain.Op" outside the default domain
     model_file: str = "model.onnx"
     tokenizer_files: tuple[str, ...] = ()
     kind: str = field(default="export")
+    build: dict[str, Any] | None = None  # set when ``path`` is a build folder (edgekit build)
 
     @property
     def model_path(self) -> Path:
@@ -86,6 +88,7 @@ class ExportedGraph:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("path")
+        data.pop("build")
         return {"schema_version": SCHEMA_VERSION, **data}
 
     def save(self) -> None:
@@ -95,30 +98,20 @@ class ExportedGraph:
 
     @classmethod
     def load(cls, path: str | Path) -> "ExportedGraph":
-        """Read an export folder, checking that the sidecar and model file exist."""
+        """Read an export folder, or a build folder (which embeds its export's contract)."""
         path = Path(path)
         data = read_sidecar(path)
-        if data.get("kind") != "export":
+        build = None
+        if data.get("kind") == "build":
+            build, model_file = data.get("build"), (data.get("build") or {}).get("model_file")
+            data = {**data.get("export", {}), "model_file": model_file}
+        elif data.get("kind") != "export":
             raise ArtifactError(
-                f"{path} is a {data.get('kind')!r} folder, not an export",
-                "pass the folder written by `edgekit export`",
+                f"{path} is a {data.get('kind')!r} folder, not an export or a build",
+                "pass a folder written by `edgekit export` or `edgekit build`",
             )
         try:
-            graph = cls(
-                path=path,
-                model=ModelSpec(**_tuples(data["model"], ("eos_token_ids",))),
-                target=data["target"],
-                dtype=data["dtype"],
-                opset=data["opset"],
-                custom_ops=tuple(data["custom_ops"]),
-                inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["inputs"]),
-                outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["outputs"]),
-                layers=tuple(LayerSpec(**layer) for layer in data["layers"]),
-                kv_cache=data["kv_cache"],
-                versions=data["versions"],
-                model_file=data["model_file"],
-                tokenizer_files=tuple(data["tokenizer_files"]),
-            )
+            graph = cls._from_dict(path, data, build)
         except (KeyError, TypeError) as exc:
             raise ArtifactError(
                 f"{path / SIDECAR} is malformed ({type(exc).__name__}: {exc})",
@@ -129,6 +122,26 @@ class ExportedGraph:
                 f"{graph.model_path} is missing", "re-export the model with `edgekit export ... --force`"
             )
         return graph
+
+    @classmethod
+    def _from_dict(cls, path: Path, data: dict[str, Any], build: dict[str, Any] | None) -> "ExportedGraph":
+        return cls(
+            path=path,
+            model=ModelSpec(**_tuples(data["model"], ("eos_token_ids",))),
+            target=data["target"],
+            dtype=data["dtype"],
+            opset=data["opset"],
+            custom_ops=tuple(data["custom_ops"]),
+            inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["inputs"]),
+            outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["outputs"]),
+            layers=tuple(LayerSpec(**layer) for layer in data["layers"]),
+            kv_cache=data["kv_cache"],
+            versions=data["versions"],
+            ops=tuple(data["ops"]),
+            model_file=data["model_file"],
+            tokenizer_files=tuple(data["tokenizer_files"]),
+            build=build,
+        )
 
 
 def _tuples(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import sys
 import typer
 
 from edgekit import __version__
+from edgekit.cli import build as build_cmd
+from edgekit.cli import doctor as doctor_cmd
 from edgekit.cli import export as export_cmd
 from edgekit.cli import profiles as profiles_cmd
 from edgekit.cli import run as run_cmd
@@ -44,6 +46,8 @@ def _root(
 app.command("export")(export_cmd.export)
 app.command("run")(run_cmd.run)
 app.command("validate")(validate_cmd.validate)
+app.command("build")(build_cmd.build)
+app.command("doctor")(doctor_cmd.doctor)
 app.add_typer(profiles_cmd.app, name="profiles")
 
 

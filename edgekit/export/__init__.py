@@ -27,7 +27,7 @@ EXTERNAL_DATA_BYTES = 1 << 30
 def export_model(
     model: str, out: str | Path, target: str = "ort", dtype: str = "fp32", force: bool = False
 ) -> ExportedGraph:
-    """Export ``model`` (folder, preset or hub id) to ``out`` for ``target`` ("ort" | "portable").
+    """Export ``model`` (folder, preset or hub id) to ``out`` for ``target`` (one of ``TARGETS``).
 
     Writes to a temporary folder and renames it on success: a failed export leaves nothing at ``out``.
     """
@@ -65,6 +65,7 @@ def export_model(
             layers=arch.layers(),
             kv_cache={"layout": "batch, kv_heads, sequence, head_dim", "shared_buffer": target == "ort", "dtype": dtype},
             versions=_versions(),
+            ops=_op_types(onnx_model.graph),
             tokenizer_files=tokenizer_files,
         )
         graph.save()
@@ -148,6 +149,10 @@ def _specs(values) -> tuple[TensorSpec, ...]:
         return tuple(d if isinstance(d, int) else str(d) for d in (value.shape or ()))
 
     return tuple(TensorSpec(v.name, dtype(v), shape(v)) for v in values)
+
+
+def _op_types(graph) -> tuple[str, ...]:
+    return tuple(sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph}))
 
 
 def _versions() -> dict[str, str]:

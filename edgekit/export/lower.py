@@ -7,7 +7,7 @@ from typing import Any
 from edgekit.errors import InternalError
 from edgekit.export.ops import DOMAIN, OPS, LoweringContext
 
-TARGET_OPSETS = {"ort": {"": 23, "com.microsoft": 1}, "portable": {"": 23}}
+TARGET_OPSETS = {"ort": {"": 23, "com.microsoft": 1}, "portable": {"": 23}, "decomposed": {"": 23}}
 
 
 def lower(model: Any, target: str) -> list[str]:

@@ -28,15 +28,37 @@ def is_available() -> str | None:
     return None
 
 
-def open_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None) -> "OrtSession":
-    """Open an export folder on ONNX Runtime (CPU unless ``providers`` says otherwise)."""
-    return OrtSession(ExportedGraph.load(path), threads=threads, providers=providers)
+def open_session(path: str | Path, threads: int | None = None) -> "OrtSession":
+    """Open an export or build folder on ONNX Runtime; a build must fit this machine."""
+    graph = ExportedGraph.load(path)
+    if graph.build is not None:
+        check_build_fits(graph)
+    return OrtSession(graph, threads=threads)
+
+
+def check_build_fits(graph: ExportedGraph) -> None:
+    """Refuse a build made for other hardware, naming both and how to rebuild."""
+    from edgekit.doctor import detect, fitting_profile, missing_requirements
+
+    build = graph.build
+    machine = detect()
+    missing = missing_requirements(build["requirements"], machine)
+    if build["runtime"] == "tensorrt":
+        missing = missing or ["native TensorRT plans run through TensorRT's runtime, which `edgekit run` does not drive yet"]
+    if missing:
+        here = fitting_profile(machine) or "no shipped profile"
+        source = build.get("source_export", {}).get("path", "EXPORT_DIR")
+        raise ArtifactError(
+            f"{graph.path} was built for {build['profile']} ({build['runtime']}); this machine ({here}) differs: "
+            + "; ".join(missing),
+            f"rebuild here: edgekit build {source} --profile {here if here != 'no shipped profile' else 'PROFILE'} -o NEW_DIR",
+        )
 
 
 class OrtSession:
     """One sequence (batch 1) running on an exported graph, with its cache."""
 
-    def __init__(self, graph: ExportedGraph, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, graph: ExportedGraph, threads: int | None = None):
         ort = require("onnxruntime", "cpu")
         if graph.dtype not in NUMPY_DTYPES:
             raise RuntimeUnavailableError(
@@ -45,20 +67,24 @@ class OrtSession:
             )
         self.graph = graph
         self.ort = ort
+        settings = (graph.build or {}).get("onnxruntime") or {
+            "providers": ["CPUExecutionProvider"], "provider_options": [{}], "intra_op_threads": 0}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or settings["intra_op_threads"] or 0
         options.log_severity_level = 3
+        from edgekit.runtimes.onnxruntime_build import check_provider
+
         try:
-            self.session = ort.InferenceSession(
-                str(graph.model_path), options, providers=providers or ["CPUExecutionProvider"]
-            )
+            self.session = check_provider(ort, graph.model_path, settings, options)
+        except RuntimeUnavailableError:
+            raise
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/etc.
             raise ArtifactError(
                 f"ONNX Runtime cannot load {graph.model_path}: {str(exc).splitlines()[0][:300]}",
                 "re-export with `edgekit export ... --force`, or check the onnxruntime version",
             ) from None
+        self.device = "cpu" if settings["providers"][0] == "CPUExecutionProvider" else "cuda"
         self.dtype = NUMPY_DTYPES[graph.dtype]
         self.shared = bool(graph.kv_cache.get("shared_buffer"))
         self.providers = self.session.get_providers()
@@ -74,7 +100,6 @@ class OrtSession:
         self._length = 0
         self._capacity = 0
         self._past: list[Any] = []
-        self._arrays: list[np.ndarray] = []
         if self.shared:
             self._allocate(max(capacity, 64))
         else:
@@ -84,16 +109,18 @@ class OrtSession:
         return np.zeros((1, layer.num_kv_heads, length, layer.head_dim), dtype=self.dtype)
 
     def _wrap(self, arrays: list[np.ndarray]) -> list[Any]:
-        # OrtValues over NumPy memory (no copy); the arrays are kept alive alongside.
-        self._arrays = arrays
-        return [self.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        if self.device == "cpu":
+            # OrtValues over NumPy memory (no copy); the arrays are kept alive alongside.
+            self._arrays = arrays
+            return [self.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        return [self.ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in arrays]
 
     def _allocate(self, capacity: int) -> None:
         """(Re)allocate shared buffers, keeping what is cached."""
         capacity = min(capacity, self.graph.model.max_position_embeddings)
         arrays = [self._zeros(layer, capacity) for layer in self.graph.layers for _ in range(2)]
-        for new, old in zip(arrays, self._arrays):
-            new[:, :, : self._length] = old[:, :, : self._length]
+        for new, old in zip(arrays, self._past):
+            new[:, :, : self._length] = old.numpy()[:, :, : self._length]  # growth is rare: a host copy is fine
         self._past = self._wrap(arrays)
         self._capacity = capacity
 
@@ -118,7 +145,7 @@ class OrtSession:
             if self.shared:
                 binding.bind_ortvalue_output(present_name, value)
             else:
-                binding.bind_output(present_name, "cpu")
+                binding.bind_output(present_name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         if not self.shared:

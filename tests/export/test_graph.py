@@ -8,7 +8,7 @@ from collections import Counter
 import onnx
 import pytest
 
-from edgekit.types import ExportedGraph
+from edgekit.types import TARGETS, ExportedGraph
 
 
 def _ops(path) -> Counter:
@@ -31,6 +31,20 @@ def test_portable_target_uses_standard_ops_only(exported):
     assert ops[("", "Attention")] == 2 and ops[("", "RotaryEmbedding")] == 4
     onnx.checker.check_model(str(path / "model.onnx"))
     assert ExportedGraph.load(path).custom_ops == ()
+
+
+def test_decomposed_target_uses_plain_ops_only(exported):
+    """What TensorRT 10.3 (JetPack 6.x) parses: no fused attention, rotary or norm op, no contrib domain."""
+    path = exported("MistralForCausalLM", "decomposed")
+    ops = _ops(path)
+    assert all(domain in ("", "ai.onnx") for domain, _ in ops)
+    fused = {"Attention", "RotaryEmbedding", "RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization"}
+    assert not fused & {op for _, op in ops}
+    assert ops[("", "Softmax")] == 2  # one per layer
+    assert ops[("", "Expand")] == 4  # GQA: keys and values, 4 heads over 2 KV heads
+    onnx.checker.check_model(str(path / "model.onnx"), full_check=True)
+    graph = ExportedGraph.load(path)
+    assert graph.custom_ops == () and graph.kv_cache["shared_buffer"] is False
 
 
 def test_sliding_window_reaches_the_kernel(exported):
@@ -71,7 +85,7 @@ def test_qwen3_head_dim_comes_from_the_config(exported):
     assert graph.inputs[2].shape[3] == 32
 
 
-@pytest.mark.parametrize("target", ["ort", "portable"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_mistral_layers_record_their_window(exported, target):
     graph = ExportedGraph.load(exported("MistralForCausalLM", target))
     assert [(layer.kind, layer.window) for layer in graph.layers] == [("sliding_attention", 16)] * 2

@@ -8,6 +8,7 @@ import pytest
 from edgekit.errors import ArtifactError
 from edgekit.generate import generate
 from edgekit.runtimes.onnxruntime import open_session
+from edgekit.types import TARGETS
 
 PROMPT = [5, 17, 99, 3, 250, 7, 1000, 42]
 
@@ -43,9 +44,9 @@ def test_buffer_growth_keeps_the_cache(exported):
 
 @pytest.mark.parametrize("architecture", ["Qwen3ForCausalLM", "MistralForCausalLM"])
 def test_targets_generate_the_same_tokens(exported, architecture):
-    ort_tokens = generate(open_session(exported(architecture, "ort")), PROMPT, 32).token_ids
-    portable_tokens = generate(open_session(exported(architecture, "portable")), PROMPT, 32).token_ids
-    assert ort_tokens == portable_tokens
+    tokens = {target: generate(open_session(exported(architecture, target)), PROMPT, 32).token_ids for target in TARGETS}
+    assert tokens["portable"] == tokens["ort"]
+    assert tokens["decomposed"] == tokens["ort"]
 
 
 def test_too_long_a_sequence_is_refused(exported):

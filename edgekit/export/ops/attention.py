@@ -18,13 +18,25 @@ Lowerings:
                  q ──RotaryEmbedding──────────────────────────┐
     k ──RotaryEmbedding──Reshape/Transpose──Concat(past_key)──Attention──Transpose/Reshape── out
     v ─────────────────────Reshape/Transpose──Concat(past_value)──┘
+
+    decomposed  the same dataflow in ops TensorRT < 10.14 parses (JetPack 6.x ships 10.3):
+              rotary as Gather(cos/sin rows) + half-split Mul/Sub/Add, the same Concat
+              KV update, GQA by Expand, MatMul/Softmax attention with a Where mask
+              (merge = Transpose/Reshape back to (B, S, H*D)).
+
+    q ──Reshape──rotate──Transpose────────────────────────────────┐
+    k ──Reshape──rotate──Transpose──Concat(past_key)───Expand──MatMul·scale──Where(mask)──Softmax─┐
+    v ──Reshape──────────Transpose──Concat(past_value)─Expand──────────────────────────────────MatMul──merge── out
 """
 
 from __future__ import annotations
 
 import torch
 
+from edgekit.errors import InternalError
 from edgekit.export.ops._base import OpDef, emit, register_op
+
+FLOAT = 1  # onnx TensorProto.FLOAT, the dtype of the scores and the softmax
 
 
 def _positions(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -145,13 +157,39 @@ def _portable_mask(ctx, mask, positions, window):
     return ctx.once(("mask", mask.name, window), build)
 
 
+def _begin(ctx, node):
+    """Attributes, the per-graph positions (B, S) and mask (B, 1, S, T); sets the layer's name prefix."""
+    q, mask = node.inputs[0], node.inputs[5]
+    a = _attrs(node)
+    positions = _portable_positions(ctx, mask, q)
+    allowed = _portable_mask(ctx, mask, positions, a["window"])
+    ctx.prefix = f"/model/layers.{a['layer']}/attn"
+    return a, positions, allowed
+
+
+def _split_heads(ctx, x, n):
+    return ctx.op("Reshape", [x, ctx.const([0, 0, n, -1])])  # (B, S, N*D) -> (B, S, N, D)
+
+
+def _swap_seq_heads(ctx, x):
+    return ctx.op("Transpose", [x], {"perm": [0, 2, 1, 3]})  # (B, S, N, D) <-> (B, N, S, D)
+
+
+def _merge_heads(ctx, y):
+    return ctx.op("Reshape", [_swap_seq_heads(ctx, y), ctx.const([0, 0, -1])])  # (B, H, S, D) -> (B, S, H*D)
+
+
+def _append_cache(ctx, past_k, past_v, k4, v4):
+    """The KV update, kept outside attention: present = past ++ new on the sequence axis."""
+    present_k = ctx.op("Concat", [past_k, k4], {"axis": 2})  # (B, KV, T, D)
+    present_v = ctx.op("Concat", [past_v, v4], {"axis": 2})
+    return present_k, present_v
+
+
 def _lower_portable(ctx, node):
     q, k, v, past_k, past_v, mask, cos, sin = node.inputs
-    a = _attrs(node)
+    a, positions, allowed = _begin(ctx, node)
     h, kv = a["num_heads"], a["num_kv_heads"]
-    positions = _portable_positions(ctx, mask, q)
-    bool_mask = _portable_mask(ctx, mask, positions, a["window"])
-    ctx.prefix = f"/model/layers.{a['layer']}/attn"
     d = past_k.shape[-1] if past_k.shape is not None else None
     rot_dim = cos.shape[-1] * 2 if cos.shape is not None and isinstance(cos.shape[-1], int) else 0
     rope = {"interleaved": 0}
@@ -159,19 +197,88 @@ def _lower_portable(ctx, node):
         rope["rotary_embedding_dim"] = rot_dim
     q_rot = ctx.op("RotaryEmbedding", [q, cos, sin, positions], {**rope, "num_heads": h})  # (B, S, H*D)
     k_rot = ctx.op("RotaryEmbedding", [k, cos, sin, positions], {**rope, "num_heads": kv})
-    heads_first = [0, 2, 1, 3]
-    split = lambda n: ctx.const([0, 0, n, -1])  # noqa: E731  (B, S, N*D) -> (B, S, N, D)
-    q4 = ctx.op("Transpose", [ctx.op("Reshape", [q_rot, split(h)])], {"perm": heads_first})  # (B, H, S, D)
-    k4 = ctx.op("Transpose", [ctx.op("Reshape", [k_rot, split(kv)])], {"perm": heads_first})  # (B, KV, S, D)
-    v4 = ctx.op("Transpose", [ctx.op("Reshape", [v, split(kv)])], {"perm": heads_first})
-    present_k = ctx.op("Concat", [past_k, k4], {"axis": 2})  # (B, KV, T, D)
-    present_v = ctx.op("Concat", [past_v, v4], {"axis": 2})
+    q4 = _swap_seq_heads(ctx, _split_heads(ctx, q_rot, h))  # (B, H, S, D)
+    k4 = _swap_seq_heads(ctx, _split_heads(ctx, k_rot, kv))  # (B, KV, S, D)
+    present_k, present_v = _append_cache(ctx, past_k, past_v, k4, _swap_seq_heads(ctx, _split_heads(ctx, v, kv)))
     attrs = {"scale": a["scale"]}
     if a["softcap"] > 0:
         attrs["softcap"] = a["softcap"]
-    y = ctx.op("Attention", [q4, present_k, present_v, bool_mask], attrs)  # (B, H, S, D)
-    merged = ctx.op("Reshape", [ctx.op("Transpose", [y], {"perm": heads_first}), ctx.const([0, 0, -1])])
-    return [merged, present_k, present_v]  # merged: (B, S, H*D)
+    y = ctx.op("Attention", [q4, present_k, present_v, allowed], attrs)  # (B, H, S, D)
+    return [_merge_heads(ctx, y), present_k, present_v]
+
+
+def _lower_decomposed(ctx, node):
+    q, k, v, past_k, past_v, _, cos, sin = node.inputs
+    a, positions, allowed = _begin(ctx, node)
+    h, kv = a["num_heads"], a["num_kv_heads"]
+    d, half = _static_dim(past_k, "past_key"), _static_dim(cos, "cos_cache")
+    if q.dtype is None:
+        raise InternalError("the decomposed attention lowering needs q's element type")
+    c, s = _rotary_rows(ctx, cos, sin, positions)  # (B, S, 1, R/2) each
+    q4 = _swap_seq_heads(ctx, _rotate_halves(ctx, _split_heads(ctx, q, h), c, s, half, d))  # (B, H, S, D)
+    k4 = _swap_seq_heads(ctx, _rotate_halves(ctx, _split_heads(ctx, k, kv), c, s, half, d))  # (B, KV, S, D)
+    present_k, present_v = _append_cache(ctx, past_k, past_v, k4, _swap_seq_heads(ctx, _split_heads(ctx, v, kv)))
+    keys = _repeat_kv(ctx, present_k, h // kv, h, d)  # (B, H, T, D)
+    values = _repeat_kv(ctx, present_v, h // kv, h, d)
+    y = _attend(ctx, q4, keys, values, allowed, a, q.dtype)  # (B, H, S, D)
+    return [_merge_heads(ctx, y), present_k, present_v]
+
+
+def _static_dim(value, name):
+    dim = value.shape[-1] if value.shape is not None else None
+    if not isinstance(dim, int):
+        raise InternalError(f"the decomposed attention lowering needs a static last dim on {name}, got {dim!r}")
+    return dim
+
+
+def _rotary_rows(ctx, cos, sin, positions):
+    """cos/sin rows at the new tokens' positions, once per graph: (max_pos, R/2) -> (B, S, 1, R/2)."""
+    def build():
+        rows = [ctx.op("Gather", [table, positions], {"axis": 0}) for table in (cos, sin)]  # (B, S, R/2)
+        return tuple(ctx.op("Unsqueeze", [row, ctx.const([2])]) for row in rows)  # (B, S, 1, R/2)
+    return ctx.once(("rotary_rows", cos.name, sin.name, positions), build)
+
+
+def _rotate_halves(ctx, x4, cos, sin, half, d):
+    """Half-split rotary on the first R = 2*half dims of x4 (B, S, N, D); the rest passes through."""
+    sizes = [half, half] + ([d - 2 * half] if 2 * half < d else [])
+    x1, x2, *rest = ctx.multi("Split", [x4, ctx.const(sizes)], {"axis": -1}, len(sizes))  # (B, S, N, R/2) ...
+    first = ctx.op("Sub", [ctx.op("Mul", [x1, cos]), ctx.op("Mul", [x2, sin])])  # x1*c - x2*s
+    second = ctx.op("Add", [ctx.op("Mul", [x2, cos]), ctx.op("Mul", [x1, sin])])  # x2*c + x1*s
+    return ctx.op("Concat", [first, second, *rest], {"axis": -1})  # (B, S, N, D)
+
+
+def _repeat_kv(ctx, x, group, h, d):
+    """GQA: each KV head repeated ``group`` times in a row, like repeat_interleave(group, dim=1)."""
+    if group == 1:
+        return x
+    x5 = ctx.op("Unsqueeze", [x, ctx.const([2])])  # (B, KV, 1, T, D)
+    wide = ctx.op("Expand", [x5, ctx.const([1, 1, group, 1, 1])])  # (B, KV, group, T, D)
+    return ctx.op("Reshape", [wide, ctx.const([0, h, -1, d])])  # (B, H, T, D)
+
+
+def _attend(ctx, q4, keys, values, allowed, a, dtype):
+    """softmax(masked(softcap(q @ k^T * scale))) @ v; scores and softmax in fp32 like the reference.
+
+    Masked scores get float32's lowest value rather than -inf: every query sees at least
+    itself, so no row is fully masked and exp() of the rest is exactly 0 either way.
+    """
+    import numpy as np
+
+    keys_t = ctx.op("Transpose", [keys], {"perm": [0, 1, 3, 2]})  # (B, H, T, D) -> (B, H, D, T)
+    scores = _cast(ctx, ctx.op("MatMul", [q4, keys_t]), dtype, FLOAT)  # (B, H, S, T)
+    scores = ctx.op("Mul", [scores, ctx.const(a["scale"], "float32")])
+    if a["softcap"] > 0:
+        cap = ctx.const(a["softcap"], "float32")
+        scores = ctx.op("Mul", [ctx.op("Tanh", [ctx.op("Div", [scores, cap])]), cap])
+    scores = ctx.op("Where", [allowed, scores, ctx.const(np.finfo(np.float32).min, "float32")])
+    probs = _cast(ctx, ctx.op("Softmax", [scores], {"axis": -1}), FLOAT, dtype)  # (B, H, S, T)
+    return ctx.op("MatMul", [probs, values])  # (B, H, S, D)
+
+
+def _cast(ctx, x, src, dst):
+    """Cast x from ``src`` to ``dst`` (onnx_ir DataTypes or their ints); no node when they agree."""
+    return x if int(src) == int(dst) else ctx.op("Cast", [x], {"to": int(dst)})
 
 
 ATTENTION = register_op(
@@ -180,7 +287,7 @@ ATTENTION = register_op(
         ("q", "k", "v", "past_key", "past_value", "attention_mask", "cos_cache", "sin_cache"),
         ("out", "present_key", "present_value"),
         {"num_heads": "int", "num_kv_heads": "int", "scale": "float", "window": "int", "softcap": "float", "layer": "int"},
-        {"ort": _lower_ort, "portable": _lower_portable},
+        {"ort": _lower_ort, "portable": _lower_portable, "decomposed": _lower_decomposed},
     )
 )
 

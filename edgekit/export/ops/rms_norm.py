@@ -1,15 +1,19 @@
 """RMSNorm and residual-add + RMSNorm as edgekit ops.
 
-ort:      SimplifiedLayerNormalization / com.microsoft SkipSimplifiedLayerNormalization
-portable: RMSNormalization (opset 23), preceded by Add for the fused form
-Both compute the statistics in fp32 (stash_type=1), like Hugging Face's RMSNorm.
+ort:        SimplifiedLayerNormalization / com.microsoft SkipSimplifiedLayerNormalization
+portable:   RMSNormalization (opset 23), preceded by Add for the fused form
+decomposed: Mul/ReduceMean/Add/Sqrt/Div, for parsers without RMSNormalization (TensorRT < 10.15)
+All compute the statistics in fp32 (stash_type=1), like Hugging Face's RMSNorm.
 """
 
 from __future__ import annotations
 
 import torch
 
+from edgekit.errors import InternalError
 from edgekit.export.ops._base import OpDef, emit, register_op
+
+FLOAT = 1  # onnx TensorProto.FLOAT: the statistics' dtype
 
 
 @torch.library.custom_op("edgekit::rms_norm", mutates_args=())
@@ -62,17 +66,46 @@ def _lower_add_rms_portable(ctx, node):
     return [_rms_normalization(ctx, total, w, node.attributes["epsilon"].as_float()), total]
 
 
+def _lower_rms_decomposed(ctx, node):
+    x, w = node.inputs
+    return [_rms_decomposed(ctx, x, w, node.attributes["epsilon"].as_float(), x.dtype)]
+
+
+def _lower_add_rms_decomposed(ctx, node):
+    x, residual, w = node.inputs
+    total = ctx.op("Add", [x, residual])
+    return [_rms_decomposed(ctx, total, w, node.attributes["epsilon"].as_float(), x.dtype), total]
+
+
 def _rms_normalization(ctx, x, w, eps):
     return ctx.op("RMSNormalization", [x, w], {"axis": -1, "epsilon": eps, "stash_type": 1})
 
 
+def _rms_decomposed(ctx, x, w, eps, dtype):
+    """weight * cast_back(x / sqrt(mean(x^2, -1) + eps)), statistics in fp32 like the torch kernel.
+
+    ``dtype`` is x's element type, passed in because a fresh tape value (the fused Add) has none yet.
+    """
+    if dtype is None:
+        raise InternalError(f"the decomposed RMSNorm lowering needs the element type of {x.name}")
+    dtype = int(dtype)
+    xf = x if dtype == FLOAT else ctx.op("Cast", [x], {"to": FLOAT})
+    mean_sq = ctx.op("ReduceMean", [ctx.op("Mul", [xf, xf]), ctx.const([-1])], {"keepdims": 1})  # (..., 1)
+    rms = ctx.op("Sqrt", [ctx.op("Add", [mean_sq, ctx.const(eps, "float32")])])
+    normed = ctx.op("Div", [xf, rms])  # (..., hidden) fp32
+    if dtype != FLOAT:
+        normed = ctx.op("Cast", [normed], {"to": dtype})
+    return ctx.op("Mul", [w, normed])
+
+
 RMS_NORM = register_op(
     OpDef("RMSNorm", ("x", "weight"), ("y",), {"epsilon": "float"},
-          {"ort": _lower_rms_ort, "portable": _lower_rms_portable})
+          {"ort": _lower_rms_ort, "portable": _lower_rms_portable, "decomposed": _lower_rms_decomposed})
 )
 ADD_RMS_NORM = register_op(
     OpDef("AddRMSNorm", ("x", "residual", "weight"), ("y", "sum"), {"epsilon": "float"},
-          {"ort": _lower_add_rms_ort, "portable": _lower_add_rms_portable})
+          {"ort": _lower_add_rms_ort, "portable": _lower_add_rms_portable,
+           "decomposed": _lower_add_rms_decomposed})
 )
 
 

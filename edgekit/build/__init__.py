@@ -1,0 +1,101 @@
+"""``build_engine``: compile an export for one hardware profile and runtime.
+
+    ExportedGraph + Profile ─make_plan (checks, plain data)→ BuildPlan
+        ─runtime build (ONNX Runtime / TensorRT, on the target for GPUs)→ build folder + edgekit.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgekit._files import atomic_dir, check_output
+from edgekit.build.plan import BuildPlan, BuildRefused, make_plan
+from edgekit.profiles import load_profile
+from edgekit.types import SCHEMA_VERSION, SIDECAR, ExportedGraph
+
+__all__ = ["BuildPlan", "BuildRefused", "build_engine", "plan_build"]
+
+
+def plan_build(export_dir: str | Path, profile: str | Path, runtime: str | None = None,
+               precision: str | None = None) -> BuildPlan:
+    """The checked plan for building ``export_dir`` for ``profile`` (nothing is built)."""
+    graph = ExportedGraph.load(export_dir)
+    if graph.build is not None:
+        raise BuildRefused(f"{export_dir} is already a build (for {graph.build['profile']})",
+                           "pass the export folder it came from")
+    return make_plan(graph, load_profile(profile), runtime, precision)
+
+
+def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, runtime: str | None = None,
+                 precision: str | None = None, force: bool = False) -> ExportedGraph:
+    """Build ``export_dir`` for ``profile`` into ``out``; returns the build, loadable like an export."""
+    out = Path(out)
+    check_output(out, force)
+    plan = plan_build(export_dir, profile, runtime, precision)
+    graph = ExportedGraph.load(export_dir)
+    _check_environment(plan)
+    with atomic_dir(out, force) as tmp:
+        built = _run_backend(graph, plan, tmp)
+        for name in graph.tokenizer_files:
+            shutil.copy(graph.path / name, tmp / name)
+        _write_sidecar(graph, plan, built, tmp)
+    return ExportedGraph.load(out)
+
+
+def _check_environment(plan: BuildPlan) -> None:
+    """GPU builds happen on the target: refuse a machine that lacks its GPU or runtime."""
+    if plan.runtime == "ort-cpu":
+        return
+    from edgekit.doctor import detect, missing_requirements
+
+    machine = detect()
+    missing = missing_requirements(plan.requirements, machine)
+    if plan.runtime == "ort-tensorrt" and machine.tensorrt_version and not machine.tensorrt_version.startswith("10."):
+        missing.append(f"ONNX Runtime's TensorRT EP is built against TensorRT 10, found {machine.tensorrt_version}")
+    if missing:
+        raise BuildRefused(
+            f"cannot build {plan.runtime} for {plan.profile} on this machine: {'; '.join(missing)}",
+            "run the build on the target device (or use --dry-run here to see the plan)",
+        )
+
+
+def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path) -> dict[str, Any]:
+    if plan.runtime == "tensorrt":
+        from edgekit.runtimes import tensorrt
+
+        return {**tensorrt.build(graph, plan.tensorrt, out), "model_file": plan.tensorrt["plan_file"]}
+    from edgekit.runtimes import onnxruntime_build
+
+    built = onnxruntime_build.build(graph, plan.runtime, plan.onnxruntime, out)
+    return {**built, "model_file": plan.onnxruntime["model_file"]}
+
+
+def _write_sidecar(graph: ExportedGraph, plan: BuildPlan, built: dict[str, Any], out: Path) -> None:
+    export_data = json.loads((graph.path / SIDECAR).read_text())
+    plan_data = plan.to_dict()
+    if built.get("tensorrt_version"):  # an engine loads only on the TensorRT that built it
+        plan_data["requirements"]["tensorrt"] = built["tensorrt_version"]
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "build",
+        "build": {
+            **plan_data,
+            **built,
+            "source_export": {"path": str(graph.path.resolve()), "model_sha256": _sha256(graph.model_path)},
+            "edgekit_version": export_data["versions"].get("edgekit"),
+        },
+        "export": export_data,
+    }
+    (out / SIDECAR).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

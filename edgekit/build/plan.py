@@ -1,0 +1,170 @@
+"""The build plan: every decision of ``edgekit build`` as plain data, checked before building.
+
+A plan is made (and refused) the same way on any machine, so ``--dry-run`` on a workstation
+shows exactly what the Jetson would build. Only the vendor call needs the target hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edgekit.errors import ConfigError, EdgekitError, did_you_mean
+from edgekit.profiles import Profile
+from edgekit.types import ExportedGraph
+
+RUNTIME_CHOICES = ("ort", "ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
+PRECISION_CHOICES = ("fp32", "fp16", "bf16", "fp8", "int8")
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+# Share of the profile's memory a build may plan to use: the OS, the runtime's own buffers
+# and activations need the rest (Jetson shares its memory with the CPU).
+MEMORY_SHARE = {"cpu": 0.8, "gpu": 0.9, "jetson": 0.75}
+# First TensorRT versions whose ONNX parser takes these opset-23 ops.
+TENSORRT_OP_VERSIONS = {"Attention": (10, 14), "RotaryEmbedding": (10, 15), "RMSNormalization": (10, 15)}
+
+
+class BuildRefused(EdgekitError):
+    """The plan cannot be built for this profile."""
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What ``build_engine`` will do, as data."""
+
+    export: str
+    export_target: str
+    export_dtype: str
+    profile: str
+    device: str
+    runtime: str
+    precision: str
+    quantization: str
+    requirements: dict[str, Any]
+    memory: dict[str, Any]
+    onnxruntime: dict[str, Any] | None
+    tensorrt: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_plan(graph: ExportedGraph, profile: Profile, runtime: str | None = None,
+              precision: str | None = None) -> BuildPlan:
+    """Resolve defaults from the profile and check the combination; raises BuildRefused."""
+    runtime = _runtime(profile, runtime)
+    precision = _precision(profile, precision)
+    _check_ops(graph, profile, runtime)
+    _check_precision_fits_graph(graph, runtime, precision)
+    memory = memory_estimate(graph, profile, precision)
+    from edgekit.runtimes import onnxruntime_build, tensorrt
+
+    return BuildPlan(
+        export=str(graph.path), export_target=graph.target, export_dtype=graph.dtype,
+        profile=profile.name, device=profile.device, runtime=runtime, precision=precision,
+        quantization="none", requirements=_requirements(profile, runtime), memory=memory,
+        onnxruntime=onnxruntime_build.plan_settings(graph, profile, runtime, precision) if runtime != "tensorrt" else None,
+        tensorrt=tensorrt.plan_settings(graph, profile, precision) if runtime in ("tensorrt", "ort-tensorrt") else None,
+    )
+
+
+def _runtime(profile: Profile, runtime: str | None) -> str:
+    if runtime is None:
+        return profile.defaults["runtimes"][0]
+    if runtime not in RUNTIME_CHOICES:
+        raise ConfigError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIME_CHOICES)}{did_you_mean(runtime, list(RUNTIME_CHOICES))}",
+                          f"use one of: {', '.join(RUNTIME_CHOICES)}")
+    if runtime == "ort":
+        runtime = next((r for r in profile.defaults["runtimes"] if r.startswith("ort-")), "ort-cpu")
+    if profile.device == "cpu" and runtime != "ort-cpu":
+        raise BuildRefused(f"runtime {runtime} needs an NVIDIA GPU; profile {profile.name} is a CPU",
+                           "use --runtime ort on CPU profiles, or a GPU profile (edgekit profiles list)")
+    return runtime
+
+
+def _precision(profile: Profile, precision: str | None) -> str:
+    precision = precision or profile.defaults["precision"]
+    if precision not in PRECISION_CHOICES:
+        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISION_CHOICES)}",
+                          f"use one of: {', '.join(PRECISION_CHOICES)}")
+    supported = profile.hardware["precisions"]
+    if precision not in supported:
+        where = f"compute capability {profile.hardware['compute_capability']}" if profile.is_gpu else "this CPU class"
+        why = " (FP8 needs compute capability 8.9+)" if precision == "fp8" else ""
+        raise BuildRefused(
+            f"precision {precision} is not supported by {profile.name} ({where}){why}",
+            f"use one of: {', '.join(p for p in supported if p in PRECISION_CHOICES)}",
+        )
+    return precision
+
+
+def _check_ops(graph: ExportedGraph, profile: Profile, runtime: str) -> None:
+    if runtime in ("tensorrt", "ort-tensorrt") and graph.custom_ops:
+        raise BuildRefused(
+            f"TensorRT cannot parse {', '.join(graph.custom_ops)} in {graph.path} (exported for --target {graph.target})",
+            "re-export with --target portable (TensorRT >= 10.15) or --target decomposed (TensorRT 10.3, JetPack 6)",
+        )
+    if runtime in ("tensorrt", "ort-tensorrt"):
+        floor = tuple(int(p) for p in profile.tensorrt["min_version"].split(".")[:2])
+        too_new = sorted(op for op, since in TENSORRT_OP_VERSIONS.items() if op in graph.ops and floor < since)
+        if too_new:
+            raise BuildRefused(
+                f"{', '.join(too_new)} in {graph.path} need a newer TensorRT than {profile.name}'s "
+                f"{profile.tensorrt['min_version']} can parse",
+                "re-export with --target decomposed, which uses plain ONNX ops only",
+            )
+    if runtime == "ort-cuda" and graph.target != "ort":
+        raise BuildRefused(
+            f"{graph.path} was exported for --target {graph.target}; ONNX Runtime's CUDA EP has been seen "
+            "running opset-23 Attention on the CPU",
+            "re-export with --target ort (GroupQueryAttention) for ort-cuda",
+        )
+
+
+def _check_precision_fits_graph(graph: ExportedGraph, runtime: str, precision: str) -> None:
+    if precision in ("fp8", "int8") and "QuantizeLinear" not in graph.ops:
+        raise BuildRefused(
+            f"precision {precision} needs a graph with Q/DQ nodes; {graph.path} has none",
+            "use --precision fp16 (or bf16); quantized builds come from quantization",
+        )
+    if runtime.startswith("ort-") and runtime != "ort-tensorrt" and precision != graph.dtype and precision not in ("fp8", "int8"):
+        raise BuildRefused(
+            f"ONNX Runtime runs the graph in the dtype it was exported in ({graph.dtype}), not {precision}",
+            f"re-export with --dtype {precision}, or pass --precision {graph.dtype}",
+        )
+
+
+def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str) -> dict[str, Any]:
+    """Weights + KV cache at the profile's max context and batch, against its memory; refuses over budget."""
+    files = [graph.model_path, graph.model_path.with_name(graph.model_path.name + ".data")]
+    stored = sum(f.stat().st_size for f in files if f.exists())
+    weights = int(stored * BYTES[precision] / BYTES[graph.dtype]) if precision in ("fp16", "bf16") else stored
+    kv_dtype = "fp32" if precision == "fp32" else "fp16"
+    context, batch = profile.shapes["context"].max, profile.shapes["batch"].max
+    per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in graph.layers) * BYTES[kv_dtype]
+    kv = per_token * context * batch
+    budget = int(profile.hardware["memory_gb"] * 1e9 * MEMORY_SHARE[profile.device])
+    estimate = {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv,
+                "budget_bytes": budget, "context": context, "batch": batch}
+    if weights + kv > budget:
+        raise BuildRefused(
+            f"weights {weights / 1e9:.2f} GB + KV cache at {context} tokens x batch {batch} {kv / 1e9:.2f} GB "
+            f"exceed {MEMORY_SHARE[profile.device]:.0%} of {profile.name}'s {profile.hardware['memory_gb']:g} GB "
+            f"({budget / 1e9:.2f} GB)",
+            "lower [shapes].context in a profile of your own (--profile board.toml), quantize, or pick a bigger profile",
+        )
+    return estimate
+
+
+def _requirements(profile: Profile, runtime: str) -> dict[str, Any]:
+    req: dict[str, Any] = {"device": profile.device}
+    if profile.is_gpu:
+        req["compute_capability"] = profile.hardware["compute_capability"]
+    else:
+        req["cpu_flags"] = list(profile.hardware["cpu_flags"])
+    if runtime in ("tensorrt", "ort-tensorrt"):
+        req["tensorrt"] = ">=" + profile.tensorrt["min_version"]  # the build pins the exact version it used
+    if runtime.startswith("ort-"):
+        from edgekit.runtimes.onnxruntime_build import PROVIDERS
+
+        req["onnxruntime_provider"] = PROVIDERS[runtime]
+    return req
