@@ -32,13 +32,48 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What a runtime must allocate for one decoder layer."""
+    """What a runtime must allocate for one decoder layer.
+
+    Attention layers ("attention", "sliding_attention") carry a KV cache of
+    (batch, num_kv_heads, sequence, head_dim). Linear-attention layers
+    ("linear_attention", Gated DeltaNet) carry fixed-size states instead, named in
+    ``states``: {"conv": [channels, kernel - 1], "recurrent": [heads, key_dim, value_dim]}
+    (per sequence; the recurrent state is always float32).
+    """
 
     index: int
-    kind: str  # "attention" | "sliding_attention"
-    num_kv_heads: int
-    head_dim: int
+    kind: str
+    num_kv_heads: int = 0
+    head_dim: int = 0
     window: int | None = None  # tokens a query sees, itself included; None = global
+    states: dict[str, list[int]] | None = None
+
+    @property
+    def has_kv(self) -> bool:
+        return self.kind != "linear_attention"
+
+
+@dataclass(frozen=True)
+class StateIO:
+    """One cache tensor of one layer: its graph input and output names."""
+
+    past: str
+    present: str
+    layer: LayerSpec
+    part: str  # "key" | "value" | "conv" | "recurrent"
+
+
+def state_io(layers: tuple[LayerSpec, ...] | list[LayerSpec]) -> list[StateIO]:
+    """Every cache tensor in graph order: per layer key, value (attention) or conv, recurrent."""
+    names = []
+    for layer in layers:
+        if layer.has_kv:
+            names += [StateIO(f"past_key_values.{layer.index}.{p}", f"present.{layer.index}.{p}", layer, p)
+                      for p in ("key", "value")]
+        else:
+            names += [StateIO(f"past_{p}.{layer.index}", f"present_{p}.{layer.index}", layer, p)
+                      for p in ("conv", "recurrent")]
+    return names
 
 
 @dataclass(frozen=True)

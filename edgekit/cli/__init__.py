@@ -12,9 +12,11 @@ import sys
 import typer
 
 from edgekit import __version__
+from edgekit.cli import bench as bench_cmd
 from edgekit.cli import build as build_cmd
 from edgekit.cli import doctor as doctor_cmd
 from edgekit.cli import export as export_cmd
+from edgekit.cli import package as package_cmd
 from edgekit.cli import profiles as profiles_cmd
 from edgekit.cli import run as run_cmd
 from edgekit.cli import validate as validate_cmd
@@ -48,6 +50,11 @@ app.command("run")(run_cmd.run)
 app.command("validate")(validate_cmd.validate)
 app.command("build")(build_cmd.build)
 app.command("doctor")(doctor_cmd.doctor)
+app.command("bench")(bench_cmd.bench)
+app.command("package")(package_cmd.package)
+app.command("inspect")(package_cmd.inspect)
+app.command("verify")(package_cmd.verify)
+app.command("keygen")(package_cmd.keygen)
 app.add_typer(profiles_cmd.app, name="profiles")
 
 

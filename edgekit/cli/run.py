@@ -12,7 +12,7 @@ from edgekit.errors import EdgekitError
 
 
 def run(
-    path: Path = typer.Argument(..., help="An export folder."),
+    path: Path = typer.Argument(..., help="An export or build folder, or a bundle (FILE.edgepkg)."),
     prompt: str = typer.Option(None, "--prompt", help="Prompt text (needs the export's tokenizer)."),
     prompt_ids: str = typer.Option(None, "--prompt-ids", help="Prompt token ids, comma separated: 1,2,3."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
@@ -22,6 +22,7 @@ def run(
     seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print token ids, text and timings as JSON."),
+    profile: str = typer.Option(None, "--profile", help="With a bundle: run the engine for this profile, not the best fit."),
 ) -> None:
     """Generate from PROMPT with the exported model (greedy unless a sampling option is given)."""
     from edgekit.generate import Sampling, generate
@@ -31,6 +32,12 @@ def run(
     sampling = Sampling(temperature, top_k, top_p, seed).check()
     if max_new_tokens < 1:
         raise EdgekitError(f"--max-new-tokens {max_new_tokens} must be >= 1", "e.g. --max-new-tokens 64")
+    if path.suffix == ".edgepkg":
+        from edgekit.bundle import open_bundle
+
+        path = open_bundle(path, profile=profile)  # the fitting engine, unpacked and checked
+    elif profile is not None:
+        raise EdgekitError("--profile applies to bundles (FILE.edgepkg)", "pass a .edgepkg file, or drop --profile")
     session = open_session(path, threads=threads)
     tokenizer = load_tokenizer(session.graph, required=prompt is not None)
     ids = _prompt_ids(prompt, prompt_ids, tokenizer)

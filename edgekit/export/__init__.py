@@ -72,11 +72,12 @@ def export_model(
     return ExportedGraph.load(out)
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Graph input and output names, genai/optimum style."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", *past], ["logits", *present]
+def io_names(layers) -> tuple[list[str], list[str]]:
+    """Graph input and output names, genai/optimum style for the KV cache."""
+    from edgekit.types import state_io
+
+    states = state_io(layers)
+    return ["input_ids", "attention_mask", *[s.past for s in states]], ["logits", *[s.present for s in states]]
 
 
 def _trace(hf_model, arch):
@@ -85,24 +86,32 @@ def _trace(hf_model, arch):
 
     from edgekit.export.ops import TRANSLATIONS
     from edgekit.export.wrapper import DecoderForExport
+    from edgekit.types import state_io
 
     wrapper = DecoderForExport(hf_model, arch).eval()
-    cfg = arch.config
     # Example sizes avoid 0 and 1, which torch.export would specialize on.
     batch, seq, past_len = 2, 3, 5
     dtype = hf_model.lm_head.weight.dtype
-    past = [torch.zeros(batch, cfg.num_key_value_heads, past_len, arch.head_dim, dtype=dtype)
-            for _ in range(2 * cfg.num_hidden_layers)]
-    ids = torch.zeros(batch, seq, dtype=torch.int64)
-    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     dim = torch.export.Dim
     b, s = dim("batch_size"), dim("sequence_length")
     t, p = dim("total_sequence_length"), dim("past_sequence_length", min=0)
-    dynamic = ({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in past))  # *past is one entry
-    inputs, outputs = io_names(cfg.num_hidden_layers)
+    states, dynamic_states = [], []
+    for io in state_io(arch.layers()):
+        layer = io.layer
+        if layer.has_kv:
+            states.append(torch.zeros(batch, layer.num_kv_heads, past_len, layer.head_dim, dtype=dtype))
+            dynamic_states.append({0: b, 2: p})
+        else:
+            state_dtype = torch.float32 if io.part == "recurrent" else dtype
+            states.append(torch.zeros(batch, *layer.states[io.part], dtype=state_dtype))
+            dynamic_states.append({0: b})
+    ids = torch.zeros(batch, seq, dtype=torch.int64)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    dynamic = ({0: b, 1: s}, {0: b, 1: t}, tuple(dynamic_states))  # *states is one entry
+    inputs, outputs = io_names(arch.layers())
     with torch.no_grad():
         program = torch.onnx.export(
-            wrapper, (ids, mask, *past), dynamo=True, input_names=inputs, output_names=outputs,
+            wrapper, (ids, mask, *states), dynamo=True, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic, custom_translation_table=TRANSLATIONS, opset_version=23,
             optimize=True, verify=False, report=False, verbose=False,
         )

@@ -19,6 +19,7 @@ PRESETS: dict[str, tuple[str, int]] = {
     "tiny-qwen3": ("Qwen3ForCausalLM", 0),
     "tiny-qwen2": ("Qwen2ForCausalLM", 0),
     "tiny-mistral": ("MistralForCausalLM", 0),
+    "tiny-qwen3.5": ("Qwen3_5ForCausalLM", 0),
 }
 
 

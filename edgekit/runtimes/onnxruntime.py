@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import ArtifactError, RuntimeUnavailableError, require
-from edgekit.types import ExportedGraph
+from edgekit.types import ExportedGraph, StateIO, state_io
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -96,32 +96,46 @@ class OrtSession:
         return self._length
 
     def reset(self, capacity: int = 0) -> None:
-        """Empty the cache; for a shared buffer, preallocate ``capacity`` positions."""
+        """Empty the caches; for a shared KV buffer, preallocate ``capacity`` positions."""
         self._length = 0
         self._capacity = 0
-        self._past: list[Any] = []
+        self._io = state_io(self.graph.layers)
+        # past[i] feeds input i; spare[i] receives a fixed-size state's next value (ping-pong, no allocation).
+        self._past: list[Any] = [None] * len(self._io)
+        self._spare: list[Any] = [None] * len(self._io)
+        self._keep: dict[tuple[str, int], np.ndarray] = {}
+        for i, io in enumerate(self._io):
+            if not io.layer.has_kv:
+                self._past[i] = self._value(self._zeros(io, 0), ("past", i))
+                self._spare[i] = self._value(self._zeros(io, 0), ("spare", i))
+            elif not self.shared:
+                self._past[i] = self._value(self._zeros(io, 0), ("past", i))
         if self.shared:
             self._allocate(max(capacity, 64))
-        else:
-            self._past = self._wrap([self._zeros(layer, 0) for layer in self.graph.layers for _ in range(2)])
 
-    def _zeros(self, layer, length: int) -> np.ndarray:
+    def _zeros(self, io: StateIO, length: int) -> np.ndarray:
+        layer = io.layer
+        if not layer.has_kv:
+            dtype = np.float32 if io.part == "recurrent" else self.dtype
+            return np.zeros((1, *layer.states[io.part]), dtype=dtype)
         return np.zeros((1, layer.num_kv_heads, length, layer.head_dim), dtype=self.dtype)
 
-    def _wrap(self, arrays: list[np.ndarray]) -> list[Any]:
+    def _value(self, array: np.ndarray, slot: tuple[str, int]) -> Any:
         if self.device == "cpu":
-            # OrtValues over NumPy memory (no copy); the arrays are kept alive alongside.
-            self._arrays = arrays
-            return [self.ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        return [self.ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in arrays]
+            # An OrtValue over NumPy memory (no copy); the array is kept alive alongside.
+            self._keep[slot] = array
+            return self.ort.OrtValue.ortvalue_from_numpy(array)
+        return self.ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
 
     def _allocate(self, capacity: int) -> None:
-        """(Re)allocate shared buffers, keeping what is cached."""
+        """(Re)allocate the shared KV buffers, keeping what is cached."""
         capacity = min(capacity, self.graph.model.max_position_embeddings)
-        arrays = [self._zeros(layer, capacity) for layer in self.graph.layers for _ in range(2)]
-        for new, old in zip(arrays, self._past):
-            new[:, :, : self._length] = old.numpy()[:, :, : self._length]  # growth is rare: a host copy is fine
-        self._past = self._wrap(arrays)
+        for i, io in enumerate(self._io):
+            if io.layer.has_kv:
+                array = self._zeros(io, capacity)
+                if self._past[i] is not None:  # growth is rare: a host copy is fine
+                    array[:, :, : self._length] = self._past[i].numpy()[:, :, : self._length]
+                self._past[i] = self._value(array, ("past", i))
         self._capacity = capacity
 
     def forward(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
@@ -139,23 +153,20 @@ class OrtSession:
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         binding.bind_output("logits", "cpu")  # first, so get_outputs()[0] is the logits
-        names = self._cache_names()
-        for (past_name, present_name), value in zip(names, self._past):
-            binding.bind_ortvalue_input(past_name, value)
-            if self.shared:
-                binding.bind_ortvalue_output(present_name, value)
+        for i, io in enumerate(self._io):
+            binding.bind_ortvalue_input(io.past, self._past[i])
+            if not io.layer.has_kv:
+                binding.bind_ortvalue_output(io.present, self._spare[i])
+            elif self.shared:
+                binding.bind_ortvalue_output(io.present, self._past[i])  # GQA writes in place
             else:
-                binding.bind_output(present_name, self.device)
+                binding.bind_output(io.present, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        if not self.shared:
-            self._past = list(outputs[1:])
+        for i, io in enumerate(self._io):
+            if not io.layer.has_kv:
+                self._past[i], self._spare[i] = self._spare[i], self._past[i]
+            elif not self.shared:
+                self._past[i] = outputs[1 + i]
         self._length = total
         return outputs[0].numpy()[0]
-
-    def _cache_names(self) -> list[tuple[str, str]]:
-        return [
-            (f"past_key_values.{layer.index}.{kv}", f"present.{layer.index}.{kv}")
-            for layer in self.graph.layers
-            for kv in ("key", "value")
-        ]

@@ -48,9 +48,10 @@ def test_llama3_rope_scaling_is_in_the_tables(hf_folder):
     from edgekit.export.wrapper import rotary_tables
 
     wrapper, model, arch = _wrapper_and_model(hf_folder("LlamaForCausalLM"))
-    cos, _ = rotary_tables(model, arch, torch.float32)
+    max_pos = arch.config.max_position_embeddings
+    cos, _ = rotary_tables(model.model.rotary_emb, max_pos, torch.float32)
     plain = transformers.LlamaConfig(**{**arch.config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})
     plain_model = transformers.LlamaForCausalLM(plain)
-    plain_cos, _ = rotary_tables(plain_model, arch.__class__(plain), torch.float32)
+    plain_cos, _ = rotary_tables(plain_model.model.rotary_emb, max_pos, torch.float32)
     assert cos.shape == (arch.config.max_position_embeddings, arch.head_dim // 2)
     assert (cos - plain_cos).abs().max() > 1e-3  # llama3 scaling changed the low frequencies

@@ -25,6 +25,7 @@ class DecoderArch:
     architectures: ClassVar[tuple[str, ...]] = ()
     model_type: ClassVar[str] = ""
     qk_norm: ClassVar[bool] = False  # per-head RMSNorm on q and k before rotary (Qwen3)
+    attention_gate: ClassVar[bool] = False  # q_proj doubled into query + sigmoid output gate (Qwen3.5)
 
     def __init__(self, config: Any, config_path: Path | None = None):
         self.config = config
@@ -45,6 +46,59 @@ class DecoderArch:
         explicit = getattr(self.config, "head_dim", None)
         return int(explicit) if explicit else self.config.hidden_size // self.config.num_attention_heads
 
+    # -- hooks the export wrapper calls (edgekit/export/wrapper.py) ------------------------------
+
+    def decoder(self, model: Any) -> Any:
+        """The module holding embed_tokens, layers, norm and rotary_emb."""
+        return model.model
+
+    def prepare(self, wrapper: Any) -> None:
+        """Adjust weights once before tracing (e.g. fold a (1 + w) norm into w)."""
+
+    def rotary_modules(self, decoder: Any) -> dict[str, Any]:
+        """Rotary modules by table name; layers pick a table with ``rotary_table``."""
+        return {"global": decoder.rotary_emb}
+
+    def rotary_table(self, index: int) -> str:
+        return "global"
+
+    def embed(self, decoder: Any, input_ids: Any) -> Any:
+        return decoder.embed_tokens(input_ids)
+
+    def layer(self, wrapper: Any, index: int, layer: Any, hidden: Any, residual: Any, states: tuple, mask: Any):
+        """One pre-norm block; the residual add is fused into the next norm.
+
+        Returns (hidden, residual, new states); the true stream is hidden + residual.
+        """
+        if residual is None:
+            residual, x = hidden, wrapper.norm(hidden, layer.input_layernorm.weight)
+        else:
+            x, residual = wrapper.add_norm(hidden, residual, layer.input_layernorm.weight)
+        out, produced = self.mixer(wrapper, index, layer, x, states, mask)
+        x, residual = wrapper.add_norm(out, residual, layer.post_attention_layernorm.weight)
+        return layer.mlp(x), residual, produced
+
+    def mixer(self, wrapper: Any, index: int, layer: Any, x: Any, states: tuple, mask: Any):
+        """The token mixer of layer ``index``: (output, new states)."""
+        return wrapper.attention(layer.self_attn, x, states[0], states[1], mask, index,
+                                 rotary=self.rotary_table(index), gate=self.attention_gate)
+
+    def final_norm(self, wrapper: Any, hidden: Any, residual: Any) -> Any:
+        return wrapper.add_norm(hidden, residual, wrapper.decoder.norm.weight)[0]
+
+    def logits(self, wrapper: Any, hidden: Any) -> Any:
+        return wrapper.lm_head(hidden).float()
+
+    # -- what the layers carry -----------------------------------------------------------------
+
+    def layer_kind(self, index: int) -> str:
+        """'attention', 'sliding_attention' or 'linear_attention'."""
+        return "sliding_attention" if self.layer_window(index) else "attention"
+
+    def linear_states(self, index: int) -> dict[str, list[int]]:
+        """Per-sequence state shapes of a linear-attention layer."""
+        raise NotImplementedError
+
     def layer_window(self, index: int) -> int | None:
         """Tokens a query of this layer sees (itself included), or None for global attention."""
         types = getattr(self.config, "layer_types", None)
@@ -57,9 +111,11 @@ class DecoderArch:
         cfg = self.config
         specs = []
         for i in range(cfg.num_hidden_layers):
-            window = self.layer_window(i)
-            kind = "sliding_attention" if window else "attention"
-            specs.append(LayerSpec(i, kind, cfg.num_key_value_heads, self.head_dim, window))
+            kind = self.layer_kind(i)
+            if kind == "linear_attention":
+                specs.append(LayerSpec(i, kind, states=self.linear_states(i)))
+            else:
+                specs.append(LayerSpec(i, kind, cfg.num_key_value_heads, self.head_dim, self.layer_window(i)))
         return tuple(specs)
 
     def spec(self, source: str, generation: dict[str, Any]) -> ModelSpec:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from edgekit.export.ops import attention, rms_norm
+from edgekit.export.ops import attention, linear_attention, rms_norm
 from edgekit.export.ops._base import DOMAIN, OPS, LoweringContext
 
-TRANSLATIONS = {**attention.TRANSLATIONS, **rms_norm.TRANSLATIONS}
+TRANSLATIONS = {**attention.TRANSLATIONS, **rms_norm.TRANSLATIONS, **linear_attention.TRANSLATIONS}
 
-__all__ = ["DOMAIN", "OPS", "TRANSLATIONS", "LoweringContext", "attention", "rms_norm"]
+__all__ = ["DOMAIN", "OPS", "TRANSLATIONS", "LoweringContext", "attention", "linear_attention", "rms_norm"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DOMAIN = "ai.edgekit"
+FLOAT = 1  # onnx TensorProto.FLOAT: the dtype of statistics, softmax and recurrent states
 
 # Lowering signature: (ctx, node) -> replacement outputs, in the node's output order.
 Lowering = Callable[["LoweringContext", Any], list[Any]]
@@ -77,12 +78,17 @@ class LoweringContext:
     def op(self, op_type: str, inputs: list[Any], attrs: dict[str, Any] | None = None, **kw: Any) -> Any:
         """Add one node with a namespaced name; returns its (first) output."""
         name = f"{self.prefix}/{op_type}_{len(self.tape.nodes)}"
-        return self.tape.op(op_type, inputs, attrs, name=name, **kw)
+        value = self.tape.op(op_type, inputs, attrs, name=name, **kw)
+        value.name = value.name or f"{name}/output_0"  # explicit names keep Loop bodies and outer graph apart
+        return value
 
     def multi(self, op_type: str, inputs: list[Any], attrs: dict[str, Any], n: int, **kw: Any) -> list[Any]:
         """Add one node with ``n`` outputs."""
         name = f"{self.prefix}/{op_type}_{len(self.tape.nodes)}"
-        return list(self.tape.op_multi_out(op_type, inputs, attrs, num_outputs=n, name=name, **kw))
+        values = list(self.tape.op_multi_out(op_type, inputs, attrs, num_outputs=n, name=name, **kw))
+        for i, value in enumerate(values):
+            value.name = value.name or f"{name}/output_{i}"
+        return values
 
     def const(self, value: Any, dtype: str = "int64") -> Any:
         """A Constant node (cached per value and dtype)."""
@@ -94,6 +100,22 @@ class LoweringContext:
             array = np.asarray(value, dtype=dtype)
             self.shared[key] = self.op("Constant", [], {"value": ir.tensor(array)})
         return self.shared[key]
+
+    def cast(self, x: Any, src: Any, dst: Any) -> Any:
+        """Cast x from ``src`` to ``dst`` (onnx_ir DataTypes or their ints); no node when they agree."""
+        return x if int(src) == int(dst) else self.op("Cast", [x], {"to": int(dst)})
+
+    def subgraph(self, name: str, inputs: list[Any], build: Callable[[], list[Any]]) -> Any:
+        """An ir.Graph (a Loop/If body) built by ``build`` on a fresh tape; it may read outer values."""
+        import onnx_ir as ir
+        from onnx_ir import tape
+
+        saved, self.tape = self.tape, tape.Tape()
+        try:
+            outputs = build()
+            return ir.Graph(inputs, outputs, nodes=self.tape.nodes, name=name)
+        finally:
+            self.tape = saved
 
     def once(self, key: Any, build: Callable[[], Any]) -> Any:
         """Compute a value once per graph (e.g. seqlens from the attention mask)."""

@@ -34,9 +34,7 @@ from __future__ import annotations
 import torch
 
 from edgekit.errors import InternalError
-from edgekit.export.ops._base import OpDef, emit, register_op
-
-FLOAT = 1  # onnx TensorProto.FLOAT, the dtype of the scores and the softmax
+from edgekit.export.ops._base import FLOAT, OpDef, emit, register_op
 
 
 def _positions(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -266,19 +264,14 @@ def _attend(ctx, q4, keys, values, allowed, a, dtype):
     import numpy as np
 
     keys_t = ctx.op("Transpose", [keys], {"perm": [0, 1, 3, 2]})  # (B, H, T, D) -> (B, H, D, T)
-    scores = _cast(ctx, ctx.op("MatMul", [q4, keys_t]), dtype, FLOAT)  # (B, H, S, T)
+    scores = ctx.cast(ctx.op("MatMul", [q4, keys_t]), dtype, FLOAT)  # (B, H, S, T)
     scores = ctx.op("Mul", [scores, ctx.const(a["scale"], "float32")])
     if a["softcap"] > 0:
         cap = ctx.const(a["softcap"], "float32")
         scores = ctx.op("Mul", [ctx.op("Tanh", [ctx.op("Div", [scores, cap])]), cap])
     scores = ctx.op("Where", [allowed, scores, ctx.const(np.finfo(np.float32).min, "float32")])
-    probs = _cast(ctx, ctx.op("Softmax", [scores], {"axis": -1}), FLOAT, dtype)  # (B, H, S, T)
+    probs = ctx.cast(ctx.op("Softmax", [scores], {"axis": -1}), FLOAT, dtype)  # (B, H, S, T)
     return ctx.op("MatMul", [probs, values])  # (B, H, S, D)
-
-
-def _cast(ctx, x, src, dst):
-    """Cast x from ``src`` to ``dst`` (onnx_ir DataTypes or their ints); no node when they agree."""
-    return x if int(src) == int(dst) else ctx.op("Cast", [x], {"to": int(dst)})
 
 
 ATTENTION = register_op(

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from edgekit.errors import InternalError
-from edgekit.export.ops._base import OpDef, emit, register_op
+from edgekit.export.ops._base import FLOAT, OpDef, emit, register_op
 
-FLOAT = 1  # onnx TensorProto.FLOAT: the statistics' dtype
 
 
 @torch.library.custom_op("edgekit::rms_norm", mutates_args=())
@@ -89,13 +88,11 @@ def _rms_decomposed(ctx, x, w, eps, dtype):
     if dtype is None:
         raise InternalError(f"the decomposed RMSNorm lowering needs the element type of {x.name}")
     dtype = int(dtype)
-    xf = x if dtype == FLOAT else ctx.op("Cast", [x], {"to": FLOAT})
+    xf = ctx.cast(x, dtype, FLOAT)
     mean_sq = ctx.op("ReduceMean", [ctx.op("Mul", [xf, xf]), ctx.const([-1])], {"keepdims": 1})  # (..., 1)
     rms = ctx.op("Sqrt", [ctx.op("Add", [mean_sq, ctx.const(eps, "float32")])])
     normed = ctx.op("Div", [xf, rms])  # (..., hidden) fp32
-    if dtype != FLOAT:
-        normed = ctx.op("Cast", [normed], {"to": dtype})
-    return ctx.op("Mul", [w, normed])
+    return ctx.op("Mul", [w, ctx.cast(normed, FLOAT, dtype)])
 
 
 RMS_NORM = register_op(

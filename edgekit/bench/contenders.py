@@ -1,0 +1,263 @@
+"""What ``edgekit bench`` times: edgekit itself, PyTorch eager, and peers, behind one small contract.
+
+A contender is ``load() -> Loaded``, ``run(prompt_ids, new_tokens) -> RunTiming`` (greedy, exactly
+``new_tokens`` tokens, no early stop), ``memory() -> {"peak_rss_mb", "peak_device_mb"}`` and
+``close()``. In-process contenders wrap a runtime session in edgekit's own generation loop;
+peers (optimum, onnxruntime-genai) go through :mod:`edgekit.bench.peer_worker`, in this process
+or, with ``NAME=PYTHON``, in a child process of that interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgekit.bench.metrics import MemoryTracker, StepClock
+from edgekit.bench.peer_worker import KINDS, Worker
+from edgekit.errors import ConfigError, EdgekitError, did_you_mean
+from edgekit.types import ExportedGraph
+
+WORKER = Path(__file__).with_name("peer_worker.py")
+GENAI_VARIANTS = ("fp32", "fp16", "bf16", "int8", "int4")  # what its model builder takes
+
+
+class ContenderFailed(EdgekitError):
+    """A contender could not load or run; the bench reports it and goes on."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What loading told: how long it took, the model files' bytes, what exactly runs."""
+
+    load_ms: float
+    engine_bytes: int | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """One generation: time to first token, each later token's latency, end to end (ms)."""
+
+    prompt_tokens: int
+    ttft_ms: float
+    step_ms: tuple[float, ...]
+    e2e_ms: float
+    token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunTiming":
+        return cls(int(data["prompt_tokens"]), float(data["ttft_ms"]), tuple(data["step_ms"]),
+                   float(data["e2e_ms"]), tuple(data["token_ids"]))
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first per second of decoding; None for a one-token run."""
+        total = sum(self.step_ms)
+        return len(self.step_ms) / (total / 1000) if total > 0 else None
+
+
+class Contender(Protocol):
+    """The contract every contender keeps."""
+
+    name: str
+
+    def load(self) -> Loaded: ...
+    def run(self, prompt_ids: list[int], new_tokens: int) -> RunTiming: ...
+    def memory(self) -> dict[str, float | None]: ...
+    def close(self) -> None: ...
+
+
+class SessionContender:
+    """An in-process session (``reset`` / ``forward``) driven by :func:`edgekit.generate.generate`."""
+
+    def __init__(self, name: str, device: bool = False):
+        self.name = name
+        self.session: Any = None
+        self.tracker = MemoryTracker(device=device)
+
+    def _open(self) -> tuple[Any, int | None, str]:
+        """(session, engine bytes, detail); subclasses load their runtime here."""
+        raise NotImplementedError
+
+    def load(self) -> Loaded:
+        start = time.perf_counter()
+        with self.tracker.loading():
+            self.session, engine_bytes, detail = self._open()
+        return Loaded((time.perf_counter() - start) * 1000, engine_bytes, detail)
+
+    def run(self, prompt_ids: list[int], new_tokens: int) -> RunTiming:
+        from edgekit.generate import generate
+
+        clock = StepClock()
+        with self.tracker.running():
+            result = generate(self.session, prompt_ids, new_tokens, on_token=clock.tick)  # no eos: every token
+        return RunTiming.from_dict(clock.timing(len(prompt_ids), result.token_ids))
+
+    def memory(self) -> dict[str, float | None]:
+        return self.tracker.summary()
+
+    def close(self) -> None:
+        self.session = None
+
+
+class EdgekitContender(SessionContender):
+    """edgekit's ONNX Runtime session on an export or build folder.
+
+    ``wrap(session)`` may return a stand-in with the same ``reset`` / ``forward`` (tests use one
+    that sleeps a known time per step).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, name: str = "edgekit",
+                 wrap: Callable[[Any], Any] | None = None):
+        self.path, self.threads, self.wrap = Path(path), threads, wrap
+        super().__init__(name, device=_uses_gpu(ExportedGraph.load(path)))
+
+    def _open(self) -> tuple[Any, int | None, str]:
+        from edgekit.runtimes.onnxruntime import open_session
+
+        session = open_session(self.path, threads=self.threads)
+        graph = session.graph
+        detail = (f"edgekit {graph.target} {graph.dtype}, onnxruntime {session.ort.__version__} "
+                  f"{session.providers[0].removesuffix('ExecutionProvider')}")
+        return (self.wrap(session) if self.wrap else session), model_bytes(graph), detail
+
+
+def _uses_gpu(graph: ExportedGraph) -> bool:
+    providers = ((graph.build or {}).get("onnxruntime") or {}).get("providers") or ["CPUExecutionProvider"]
+    return providers[0] != "CPUExecutionProvider"
+
+
+def model_bytes(graph: ExportedGraph) -> int:
+    """Bytes of the model files (graph + external weights): the weights a decode step reads."""
+    data = graph.model_path.with_name(graph.model_path.name + ".data")
+    return sum(p.stat().st_size for p in (graph.model_path, data) if p.is_file())
+
+
+class TorchContender(SessionContender):
+    """transformers' eager model through :mod:`edgekit.runtimes.torch`, fp32."""
+
+    def __init__(self, source: str, threads: int | None = None, name: str = "torch"):
+        self.source, self.threads = source, threads
+        super().__init__(name)
+
+    def _open(self) -> tuple[Any, int | None, str]:
+        from edgekit.errors import require
+
+        torch = require("torch", "export")
+        from edgekit.export.resolve import resolve_model
+        from edgekit.runtimes.torch import TorchSession, load_reference
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        session = TorchSession(load_reference(self.source))
+        folder = resolve_model(self.source)
+        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        import transformers
+
+        return session, weights or None, f"transformers {transformers.__version__} eager, torch {torch.__version__}"
+
+
+class PeerContender:
+    """A peer through the worker protocol: in this process, or in ``python``'s child process."""
+
+    def __init__(self, name: str, kind: str, model: str, variant: str | None = None, python: str | None = None,
+                 threads: int | None = None, work_dir: str | Path | None = None):
+        self.name, self.kind, self.model, self.variant = name, kind, model, variant
+        self.python, self.threads, self.work_dir = python, threads, work_dir
+        self._worker: Worker | None = None
+        self._process: subprocess.Popen | None = None
+
+    def load(self) -> Loaded:
+        model = _local_model(self.model)
+        work_dir = Path(self.work_dir) if self.work_dir else _default_work_dir()
+        work_dir.mkdir(parents=True, exist_ok=True)
+        reply = self._call({"op": "load", "kind": self.kind, "model": str(model), "variant": self.variant,
+                            "threads": self.threads, "work_dir": str(work_dir)})
+        return Loaded(float(reply["load_ms"]), reply.get("engine_bytes"), reply.get("detail", self.kind))
+
+    def run(self, prompt_ids: list[int], new_tokens: int) -> RunTiming:
+        return RunTiming.from_dict(self._call({"op": "run", "prompt_ids": prompt_ids, "new_tokens": new_tokens}))
+
+    def memory(self) -> dict[str, float | None]:
+        return self._call({"op": "memory"})
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.python is None:
+            self._worker = self._worker or Worker()
+            reply = self._worker.handle(json.loads(json.dumps(request)))  # same data as over the pipe
+        else:
+            reply = self._pipe(request)
+        if "error" in reply:
+            raise ContenderFailed(reply["error"])
+        return reply
+
+    def _pipe(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._process is None:
+            self._start()
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            raise ContenderFailed(f"the worker under {self.python} exited ({self._process.wait()}): {self._stderr_tail()}")
+        return json.loads(line)
+
+    def _start(self) -> None:
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        try:
+            self._process = subprocess.Popen([self.python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=self._stderr, text=True)
+        except OSError as exc:
+            raise ContenderFailed(f"cannot start {self.python}: {exc.strerror or exc}") from None
+
+    def _stderr_tail(self) -> str:
+        self._stderr.seek(0)
+        lines = [line for line in self._stderr.read().splitlines() if line.strip()]
+        return lines[-1] if lines else "no output"
+
+    def close(self) -> None:
+        self._worker = None
+        if self._process is not None:
+            self._process.stdin.close()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+            self._stderr.close()
+            self._process = None
+
+
+def _local_model(source: str) -> Path:
+    """The Hugging Face folder an export came from (peers export it their own way)."""
+    from edgekit.export.resolve import resolve_model
+
+    try:
+        return resolve_model(source).resolve()
+    except EdgekitError as exc:
+        raise ContenderFailed(f"the export's source model {source!r} is not available: {exc.message}") from None
+
+
+def _default_work_dir() -> Path:
+    from edgekit.presets import cache_dir
+
+    return cache_dir() / "bench"
+
+
+def make_contender(spec: str, graph: ExportedGraph, threads: int | None) -> Contender:
+    """A contender from ``NAME[:VARIANT][=PYTHON]``: torch, optimum, genai, genai:int4=/venv/bin/python."""
+    label, _, python = spec.partition("=")
+    kind, _, variant = label.partition(":")
+    if kind not in KINDS:
+        raise ConfigError(f"--compare {kind!r} is not a contender.{did_you_mean(kind, list(KINDS))}",
+                          f"contenders: {', '.join(KINDS)}; e.g. --compare torch,genai:int4=/path/to/python")
+    if variant and (kind != "genai" or variant not in GENAI_VARIANTS):
+        raise ConfigError(f"--compare {label!r}: only genai takes a variant ({', '.join(GENAI_VARIANTS)})",
+                          "e.g. --compare genai:int4")
+    if kind == "torch" and not python:
+        return TorchContender(graph.model.source, threads, name=label)
+    return PeerContender(label, kind, graph.model.source, variant or None, python or None, threads)

@@ -1,0 +1,194 @@
+"""A bench's result: the JSON document (schema in DESIGN.md), the Rich table and the PNG plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.bench.contenders import Loaded, RunTiming
+from edgekit.bench.metrics import percentiles, roofline_fraction, spread
+from edgekit.errors import MissingDependencyError
+
+SCHEMA_VERSION = 1
+CONTENDER_KEYS = ("name", "detail", "error", "load_ms", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s",
+                  "tpot_ms", "e2e_ms", "tokens_generated", "tokens_match_first", "peak_rss_mb", "peak_device_mb",
+                  "engine_bytes", "roofline_fraction", "ratio_vs_first")
+
+
+@dataclass
+class Measured:
+    """The raw record of one contender: its load, its timed runs per prompt length, its memory."""
+
+    name: str
+    loaded: Loaded | None = None
+    runs: dict[int, list[RunTiming]] = field(default_factory=dict)
+    memory: dict[str, float | None] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """What ``run_bench`` returns; ``to_dict()`` is the documented JSON document."""
+
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    contenders: tuple[dict[str, Any], ...]
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        from edgekit import __version__
+
+        return {"schema_version": SCHEMA_VERSION, "edgekit_version": __version__, "created": self.created,
+                "machine": self.machine, "settings": self.settings, "contenders": list(self.contenders)}
+
+    def write_json(self, path: str | Path) -> None:
+        """Write the JSON document to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def summarize(measured: list[Measured], lengths: list[int], bandwidth_gbs: float | None) -> tuple[dict, ...]:
+    """One JSON object per contender (every key of CONTENDER_KEYS), ratios against the first."""
+    rows = [_summary(m, lengths, bandwidth_gbs) for m in measured]
+    first, first_tokens = rows[0], _tokens(measured[0], lengths[0])
+    for row, m in zip(rows, measured):
+        if row["error"] is None:
+            row["ratio_vs_first"] = _ratios(row, first)
+            tokens = _tokens(m, lengths[0])
+            row["tokens_match_first"] = tokens == first_tokens if tokens and first_tokens else None
+    return tuple(rows)
+
+
+def _summary(m: Measured, lengths: list[int], bandwidth_gbs: float | None) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(CONTENDER_KEYS)
+    row.update(name=m.name, error=m.error)
+    if m.loaded is not None:
+        row.update(detail=m.loaded.detail, load_ms=m.loaded.load_ms, engine_bytes=m.loaded.engine_bytes)
+    if m.error is not None:
+        return row
+    decode = m.runs[lengths[0]]
+    ttft = {str(n): spread([r.ttft_ms for r in m.runs[n]])["median"] for n in lengths}
+    rates = [r.decode_tokens_per_s for r in decode if r.decode_tokens_per_s]
+    row.update(
+        ttft_ms=ttft,
+        prefill_tokens_per_s={str(n): n / (ttft[str(n)] / 1000) for n in lengths},
+        decode_tokens_per_s=spread(rates),
+        tpot_ms=percentiles([ms for r in decode for ms in r.step_ms]),
+        e2e_ms=spread([r.e2e_ms for r in decode]),
+        tokens_generated=len(decode[-1].token_ids),
+        **m.memory,
+    )
+    median_rate = row["decode_tokens_per_s"]["median"]
+    row["roofline_fraction"] = roofline_fraction(row["engine_bytes"], bandwidth_gbs,
+                                                 1000 / median_rate if median_rate else None)
+    return row
+
+
+def _ratios(row: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
+    """The contender's value over the first's: decode (>1 is faster), ttft per length (>1 is slower)."""
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    decode = ratio(row["decode_tokens_per_s"]["median"], (first["decode_tokens_per_s"] or {}).get("median"))
+    ttft = {n: ratio(v, (first["ttft_ms"] or {}).get(n)) for n, v in row["ttft_ms"].items()}
+    return {"decode": decode, "ttft": ttft}
+
+
+def _tokens(m: Measured, length: int) -> tuple[int, ...] | None:
+    runs = m.runs.get(length) if m.error is None else None
+    return runs[-1].token_ids if runs else None
+
+
+# ---- table --------------------------------------------------------------------------------------
+
+def render_table(report: BenchReport):
+    """A Rich table: one row per contender; a failed one shows its error."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    lengths = [str(n) for n in report.settings["prompt_lengths"]]
+    table = Table(title=_title(report), title_justify="left")
+    for header in ["contender", "load s", *[f"TTFT {n} ms" for n in lengths], "decode tok/s (min–max)",
+                   "TPOT p50/p90/p99 ms", "e2e s", "peak RSS MB", "engine MB", "roofline", "× decode", "× TTFT"]:
+        table.add_column(header, justify="left" if header == "contender" else "right")
+    for row in report.contenders:
+        if row["error"] is not None:
+            table.add_row(escape(row["name"]), f"[red]{escape(row['error'])}[/]")
+            continue
+        table.add_row(escape(row["name"]), *_cells(row, lengths))
+    return table
+
+
+def _title(report: BenchReport) -> str:
+    s, m = report.settings, report.machine
+    bandwidth = f"{s['bandwidth_gbs']:.1f} GB/s ({s['bandwidth_source']})" if s["bandwidth_gbs"] else "unknown"
+    return (f"{s['model']} · prompt {s['prompt_lengths'][0]} → {s['new_tokens']} tokens · median of {s['runs']} "
+            f"· threads {s['threads'] or 'default'} · {m['cpu_model']} ({m['cores']} cores) · bandwidth {bandwidth}")
+
+
+def _cells(row: dict[str, Any], lengths: list[str]) -> list[str]:
+    decode, tpot, ratio = row["decode_tokens_per_s"], row["tpot_ms"], row["ratio_vs_first"]
+    return [
+        _num(row["load_ms"], 1000, ".2f"),
+        *[_num(row["ttft_ms"][n], 1, ".1f") for n in lengths],
+        f"{_num(decode['median'])} ({_num(decode['min'])}–{_num(decode['max'])})",
+        "/".join(_num(tpot[p], 1, ".1f") for p in ("p50", "p90", "p99")),
+        _num(row["e2e_ms"]["median"], 1000, ".2f"),
+        _num(row["peak_rss_mb"], 1, ".0f"),
+        _num(row["engine_bytes"], 1e6, ".1f"),
+        "–" if row["roofline_fraction"] is None else f"{row['roofline_fraction']:.0%}",
+        _num(ratio["decode"], 1, ".2f"),
+        _num(ratio["ttft"][lengths[-1]], 1, ".2f"),
+    ]
+
+
+def _num(value: float | None, scale: float = 1, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value / scale, spec)
+
+
+# ---- plot ---------------------------------------------------------------------------------------
+
+def check_plotting() -> None:
+    """Raise MissingDependencyError, naming the extra, when matplotlib is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingDependencyError("--plot needs matplotlib, which is not installed", "pip install 'edgekit-llm[plot]'")
+
+
+def write_plot(report: BenchReport, path: str | Path) -> None:
+    """A PNG: decode tokens/s (bars: median, whiskers: min–max) and TTFT per prompt length."""
+    check_plotting()
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.contenders if r["error"] is None]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    _decode_bars(left, rows)
+    _ttft_bars(right, rows, [str(n) for n in report.settings["prompt_lengths"]])
+    figure.suptitle(_title(report), fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _decode_bars(axes, rows: list[dict[str, Any]]) -> None:
+    medians = [r["decode_tokens_per_s"]["median"] or 0 for r in rows]
+    low = [m - (r["decode_tokens_per_s"]["min"] or 0) for m, r in zip(medians, rows)]
+    high = [(r["decode_tokens_per_s"]["max"] or 0) - m for m, r in zip(medians, rows)]
+    axes.bar([r["name"] for r in rows], medians, yerr=[low, high], capsize=4, color="#4878a8")
+    axes.set_ylabel("decode tokens/s (higher is better)")
+    axes.tick_params(axis="x", labelrotation=20)
+
+
+def _ttft_bars(axes, rows: list[dict[str, Any]], lengths: list[str]) -> None:
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        xs = [j + i * width for j in range(len(lengths))]
+        axes.bar(xs, [row["ttft_ms"][n] or 0 for n in lengths], width, label=row["name"])
+    axes.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(lengths))], [f"prompt {n}" for n in lengths])
+    axes.set_ylabel("time to first token, ms (lower is better)")
+    axes.legend(fontsize=8)

@@ -1,0 +1,62 @@
+"""``edgekit bench PATH``: edgekit against PyTorch and peers, alternating, with a table, JSON and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgekit.cli._output import console, print_json
+from edgekit.errors import ConfigError
+
+
+def bench(
+    path: Path = typer.Argument(..., help="An export or build folder, or an .edgepkg bundle."),
+    profile: str = typer.Option(None, "--profile", help="Profile for the bandwidth roofline and bundles (default: the one fitting this machine)."),
+    prompt_lengths: str = typer.Option("128,512", "--prompt-lengths", help="Prompt lengths, comma separated; decode is measured after the first."),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens generated after the first prompt length."),
+    runs: int = typer.Option(5, "--runs", help="Measured rounds (medians and percentiles over these)."),
+    warmup: int = typer.Option(1, "--warmup", help="Rounds run first and not counted."),
+    compare: str = typer.Option("", "--compare", help="Contenders besides edgekit: torch, optimum, genai[:int4]; NAME=PYTHON runs one under that interpreter."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads for every contender (default: each runtime's own)."),
+    json_file: str = typer.Option(None, "--json", help="Write the JSON report to FILE, or '-' for stdout."),
+    plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib: pip install 'edgekit-llm[plot]')."),
+    measure_bandwidth: bool = typer.Option(False, "--measure-bandwidth", help="Measure memory bandwidth (numpy copy) instead of taking the profile's."),
+) -> None:
+    """Time edgekit and its peers on one model: load, first token, prefill, decode, memory, roofline."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgekit.bench import render_table, run_bench, write_plot
+    from edgekit.bench.report import check_plotting
+
+    lengths = _ints(prompt_lengths, "--prompt-lengths")
+    specs = [s.strip() for s in compare.split(",") if s.strip()]
+    if plot is not None:
+        check_plotting()  # before the runs, not after minutes of them
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def advance(what: str, done: int, total: int) -> None:
+            progress.update(task, description=what, completed=done, total=total)
+
+        report = run_bench(path, profile=profile, prompt_lengths=lengths, new_tokens=new_tokens, runs=runs,
+                           warmup=warmup, compare=specs, threads=threads, measure_bandwidth=measure_bandwidth,
+                           on_progress=advance)
+    console.print(render_table(report))
+    if plot is not None:
+        write_plot(report, plot)
+        console.print(f"[green]plot[/] → {plot}")
+    if json_file == "-":
+        print_json(report.to_dict())
+    elif json_file:
+        report.write_json(json_file)
+        console.print(f"[green]json[/] → {json_file}")
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} is not a comma-separated list of integers", f"e.g. {option} 128,512") from None
+

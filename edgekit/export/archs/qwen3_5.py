@@ -1,0 +1,67 @@
+"""Qwen3.5 / Qwen3.6 (qwen3_5): three Gated DeltaNet layers per gated full-attention layer.
+
+Linear-attention layers: causal conv with state + gated delta rule (edgekit ops), gated RMSNorm.
+Attention layers: q_proj doubled into query + sigmoid output gate, per-head q/k norm, partial
+rotary (text mRoPE reduces to plain rope on text positions: the tables carry it), and every
+RMSNorm is (1 + w), folded into the weights before tracing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekit.export.archs import register
+from edgekit.export.archs.base import DecoderArch, tiny_common
+
+
+@register
+class Qwen3_5(DecoderArch):
+    architectures = ("Qwen3_5ForCausalLM",)
+    model_type = "qwen3_5_text"
+    qk_norm = True
+    attention_gate = True
+
+    @staticmethod
+    def tiny_config():
+        return tiny_common(
+            architectures=["Qwen3_5ForCausalLM"],
+            model_type="qwen3_5_text",
+            num_hidden_layers=4,  # linear, linear, linear, full
+            head_dim=32,
+            tie_word_embeddings=True,
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                             "mrope_section": [4, 2, 2]},
+        )
+
+    def layer_kind(self, index: int) -> str:
+        kind = self.config.layer_types[index]
+        return "linear_attention" if kind == "linear_attention" else "attention"
+
+    def layer_window(self, index: int) -> int | None:
+        return None
+
+    def linear_states(self, index: int) -> dict[str, list[int]]:
+        cfg = self.config
+        key_dim = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+        channels = 2 * key_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim
+        return {
+            "conv": [channels, cfg.linear_conv_kernel_dim - 1],
+            "recurrent": [cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim],
+        }
+
+    def prepare(self, wrapper) -> None:
+        # Qwen3_5RMSNorm computes norm(x) * (1 + w); edgekit's op computes norm(x) * w'.
+        # The gated norm inside Gated DeltaNet is a plain w and is left alone.
+        for module in wrapper.decoder.modules():
+            if type(module).__name__ == "Qwen3_5RMSNorm":
+                module.weight = torch.nn.Parameter(module.weight.detach() + 1.0, requires_grad=False)
+
+    def mixer(self, wrapper, index, layer, x, states, mask):
+        if self.layer_kind(index) == "linear_attention":
+            return wrapper.gated_deltanet(layer.linear_attn, x, states[0], states[1], index)
+        return super().mixer(wrapper, index, layer, x, states, mask)
