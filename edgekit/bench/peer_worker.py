@@ -85,12 +85,14 @@ class MemorySampler:
     """Peak RSS (and GPU memory) over a block, as growth over the RSS when the block began.
 
     RSS high-water is per process, so the peak of one phase needs a reset first: where Linux
-    lets us reset VmHWM the kernel's own peak is exact; a thread sampling VmRSS every
-    ``interval_s`` covers the rest (it can miss spikes shorter than the interval).
+    lets us reset VmHWM, the kernel's own peak is exact and no thread runs beside the timed
+    code. Elsewhere (and for GPU memory, which has no high-water mark) a thread samples every
+    ``interval_s``; it can miss spikes shorter than that. ``sample=True`` forces the thread.
     """
 
-    def __init__(self, interval_s: float = 0.005, device: bool = False):
-        self.interval_s, self.device = interval_s, device
+    def __init__(self, interval_s: float = 0.005, device: bool = False, sample: bool = False):
+        self.interval_s, self.device, self.sample = interval_s, device, sample
+        self._thread: threading.Thread | None = None
         self.base_mb = self.peak_mb = self.end_mb = 0.0
         self.device_base_mb = self.device_peak_mb = None
         self._stop = threading.Event()
@@ -100,8 +102,9 @@ class MemorySampler:
         self.base_mb = self.peak_mb = status_mb("VmRSS") or 0.0
         if self.device:
             self.device_base_mb = self.device_peak_mb = gpu_process_mb()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        if self.sample or not self._hwm or self.device_peak_mb is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -115,7 +118,8 @@ class MemorySampler:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._take()
         if self._hwm:
             self.peak_mb = max(self.peak_mb, status_mb("VmHWM") or 0.0)

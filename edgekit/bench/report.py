@@ -102,22 +102,49 @@ def _tokens(m: Measured, length: int) -> tuple[int, ...] | None:
 
 # ---- table --------------------------------------------------------------------------------------
 
+def table_rows(report: BenchReport) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the summary table; a failed contender's row holds its error."""
+    lengths = [str(n) for n in report.settings["prompt_lengths"]]
+    headers = ["contender", "load s", *[f"TTFT@{n} ms" for n in lengths], "decode tok/s (min–max)",
+               "TPOT p50/p90/p99 ms", "peak RSS MB", "engine MB", "roofline", "× decode", f"× TTFT@{lengths[-1]}"]
+    rows = []
+    for row in report.contenders:
+        cells = [f"failed: {row['error']}"] + [""] * (len(headers) - 2) if row["error"] else _cells(row, lengths)
+        rows.append([row["name"], *cells])
+    return headers, rows
+
+
 def render_table(report: BenchReport):
-    """A Rich table: one row per contender; a failed one shows its error."""
+    """A Rich renderable: the table (settings as its title), then each failed contender's error."""
+    from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    lengths = [str(n) for n in report.settings["prompt_lengths"]]
+    headers, rows = table_rows(report)
     table = Table(title=_title(report), title_justify="left")
-    for header in ["contender", "load s", *[f"TTFT {n} ms" for n in lengths], "decode tok/s (min–max)",
-                   "TPOT p50/p90/p99 ms", "e2e s", "peak RSS MB", "engine MB", "roofline", "× decode", "× TTFT"]:
-        table.add_column(header, justify="left" if header == "contender" else "right")
-    for row in report.contenders:
-        if row["error"] is not None:
-            table.add_row(escape(row["name"]), f"[red]{escape(row['error'])}[/]")
-            continue
-        table.add_row(escape(row["name"]), *_cells(row, lengths))
-    return table
+    for header in headers:
+        table.add_column(header, justify="left" if header == "contender" else "right", no_wrap=True)
+    failures = []
+    for row in rows:
+        if row[1].startswith("failed: "):
+            failures.append(Text.from_markup(f"[red]{escape(row[0])}[/] {escape(row[1])}"))
+            row = [row[0], "[red]failed[/]"] + row[2:]
+        else:
+            row = [escape(c) for c in row]
+        table.add_row(*row)
+    return Group(table, *failures)
+
+
+def to_markdown(report: BenchReport) -> str:
+    """The summary table as Markdown (for READMEs), with the settings line above it."""
+    headers, rows = table_rows(report)
+    lines = [_title(report), "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        if row[1].startswith("failed: "):  # one cell for the whole error, verbatim
+            row = [row[0], row[1].replace("|", "\\|")] + [""] * (len(headers) - 2)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _title(report: BenchReport) -> str:
@@ -134,7 +161,6 @@ def _cells(row: dict[str, Any], lengths: list[str]) -> list[str]:
         *[_num(row["ttft_ms"][n], 1, ".1f") for n in lengths],
         f"{_num(decode['median'])} ({_num(decode['min'])}–{_num(decode['max'])})",
         "/".join(_num(tpot[p], 1, ".1f") for p in ("p50", "p90", "p99")),
-        _num(row["e2e_ms"]["median"], 1000, ".2f"),
         _num(row["peak_rss_mb"], 1, ".0f"),
         _num(row["engine_bytes"], 1e6, ".1f"),
         "–" if row["roofline_fraction"] is None else f"{row['roofline_fraction']:.0%}",

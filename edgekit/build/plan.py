@@ -6,6 +6,7 @@ shows exactly what the Jetson would build. Only the vendor call needs the target
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -140,8 +141,11 @@ def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str) -> d
     weights = int(stored * BYTES[precision] / BYTES[graph.dtype]) if precision in ("fp16", "bf16") else stored
     kv_dtype = "fp32" if precision == "fp32" else "fp16"
     context, batch = profile.shapes["context"].max, profile.shapes["batch"].max
-    per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in graph.layers) * BYTES[kv_dtype]
-    kv = per_token * context * batch
+    per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in graph.layers if layer.has_kv) * BYTES[kv_dtype]
+    # Linear-attention layers hold fixed-size states (the recurrent one in fp32) whatever the context.
+    fixed = sum(math.prod(shape) * (4 if part == "recurrent" else BYTES[kv_dtype])
+                for layer in graph.layers if not layer.has_kv for part, shape in layer.states.items())
+    kv = (per_token * context + fixed) * batch
     budget = int(profile.hardware["memory_gb"] * 1e9 * MEMORY_SHARE[profile.device])
     estimate = {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv,
                 "budget_bytes": budget, "context": context, "batch": batch}

@@ -185,7 +185,7 @@ def choose_engine(manifest: dict[str, Any], bundle: Path, profile: str | None = 
         raise _refusal(bundle, manifest, engines, missing, here)
 
     def rank(engine: dict[str, Any]) -> tuple:
-        return (engine.get("profile") != here, engine["kind"] == "export",
+        return (engine.get("profile") != here, engine.get("kind") == "export",
                 engine["requirements"].get("device", "cpu") == "cpu")
 
     return min(fits, key=rank)  # min keeps manifest order among equals
@@ -214,7 +214,8 @@ def _refusal(bundle: Path, manifest: dict[str, Any], engines: list[dict], missin
              here: str | None) -> NoFittingEngine:
     what = "; ".join(f"{e['id']} (profile {e.get('profile') or 'none: an export'}, {e['runtime']}): "
                      + ", ".join(missing[e["id"]]) for e in engines)
-    sources = [e["source_export"]["path"] for e in manifest["engines"] if e.get("source_export", {}).get("path")]
+    sources = [e["source_export"].get("path") for e in manifest["engines"] if isinstance(e.get("source_export"), dict)]
+    sources = [s for s in sources if isinstance(s, str)]
     export, target = (sources[0] if sources else "EXPORT_DIR"), here or "PROFILE"
     return NoFittingEngine(
         f"{bundle} has no engine for this machine (profile {here or 'none fits: see edgekit doctor'}): {what}",

@@ -183,8 +183,9 @@ def scan(path: Path, expected: dict[str, dict], dest: Callable[[str], Path | Non
                 hashed += info.size
     missing = sorted(set(expected) - seen)
     if missing:
-        raise BundleError(f"{path} lacks {missing[0]}" + (f" and {len(missing) - 1} more members" if missing[1:] else "")
-                          + ": the bundle is truncated or incomplete", "copy the bundle again, or " + REPACKAGE)
+        more = f" and {len(missing) - 1} more members" if missing[1:] else ""
+        raise BundleError(f"{path} lacks {missing[0]}{more}: the bundle is truncated or incomplete",
+                          "copy the bundle again, or " + REPACKAGE)
     return hashed
 
 

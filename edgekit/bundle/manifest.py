@@ -209,7 +209,7 @@ def _check_engine(engine: Any, where: str, shared: set[str], fail) -> dict[str, 
             raise fail(f"{where}.{key} is missing or not a {kind.__name__}")
     files = _file_list(engine.get("files"), f"{where}.files", fail)
     uses = engine.get("shared")
-    if not isinstance(uses, list) or not set(uses) <= shared:
+    if not isinstance(uses, list) or not all(isinstance(u, str) for u in uses) or not set(uses) <= shared:
         raise fail(f"{where}.shared names files the manifest does not list")
     paths = [e["path"] for e in files]
     if set(paths) & set(uses) or engine["model_file"] not in paths:

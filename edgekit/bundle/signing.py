@@ -34,7 +34,8 @@ def keygen(keyfile: str | Path, force: bool = False) -> tuple[Path, Path]:
     keyfile, pubfile = Path(keyfile), public_key_path(keyfile)
     for path in (keyfile, pubfile):
         if path.exists() and not force:
-            raise OutputExistsError(f"key file {path} already exists", "pass --force to replace it, or choose another -o")
+            raise OutputExistsError(f"key file {path} already exists",
+                                    "pass --force to replace it, or choose another -o")
     key = ed25519.Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -91,4 +92,5 @@ def check_signature(manifest: bytes, signature: bytes | None, pubkey: str | Path
         key.verify(signature, manifest)
     except InvalidSignature:
         raise BundleError(f"{bundle}: the signature does not match {pubkey}: the manifest was modified, "
-                          "or it was signed with another key", "get the bundle and the public key from their source again") from None
+                          "or it was signed with another key",
+                          "get the bundle and the public key from their source again") from None

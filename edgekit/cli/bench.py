@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from edgekit.cli._output import console, print_json
 from edgekit.errors import ConfigError
@@ -43,7 +44,9 @@ def bench(
         report = run_bench(path, profile=profile, prompt_lengths=lengths, new_tokens=new_tokens, runs=runs,
                            warmup=warmup, compare=specs, threads=threads, measure_bandwidth=measure_bandwidth,
                            on_progress=advance)
-    console.print(render_table(report))
+    # Piped output (logs, CI) has no width of its own: keep the table whole rather than cut to 80 columns.
+    wide = console if console.is_terminal else Console(stderr=True, highlight=False, width=240)
+    wide.print(render_table(report))
     if plot is not None:
         write_plot(report, plot)
         console.print(f"[green]plot[/] → {plot}")

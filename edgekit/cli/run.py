@@ -22,7 +22,7 @@ def run(
     seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print token ids, text and timings as JSON."),
-    profile: str = typer.Option(None, "--profile", help="With a bundle: run the engine for this profile, not the best fit."),
+    profile: str = typer.Option(None, "--profile", help="With a bundle: the engine for this profile, not the best fit."),
 ) -> None:
     """Generate from PROMPT with the exported model (greedy unless a sampling option is given)."""
     from edgekit.generate import Sampling, generate

@@ -20,6 +20,9 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
 )
+# Example (batch, new tokens, cached tokens) traced with; dims stay symbolic, so any value works,
+# but 0 and 1 would be specialized by torch.export.
+TRACE_EXAMPLE = (2, 3, 5)
 # External data above this size: protobuf cannot hold more than 2 GB in one file.
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -89,8 +92,7 @@ def _trace(hf_model, arch):
     from edgekit.types import state_io
 
     wrapper = DecoderForExport(hf_model, arch).eval()
-    # Example sizes avoid 0 and 1, which torch.export would specialize on.
-    batch, seq, past_len = 2, 3, 5
+    batch, seq, past_len = TRACE_EXAMPLE
     dtype = hf_model.lm_head.weight.dtype
     dim = torch.export.Dim
     b, s = dim("batch_size"), dim("sequence_length")

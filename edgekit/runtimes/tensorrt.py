@@ -12,7 +12,7 @@ from typing import Any
 
 from edgekit.errors import RuntimeUnavailableError
 from edgekit.profiles import Profile
-from edgekit.types import ExportedGraph
+from edgekit.types import ExportedGraph, state_io
 
 FLAGS = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "fp8": ["FP8"], "int8": ["INT8"]}
 HW_COMPAT = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
@@ -48,12 +48,14 @@ def shape_profile(graph: ExportedGraph, profile: Profile) -> dict[str, dict[str,
         "input_ids": {"min": [b.min, 1], "opt": [b.opt, 1], "max": [b.max, p.max]},
         "attention_mask": {"min": [b.min, 1], "opt": [b.opt, c.opt], "max": [b.max, c.max]},
     }
-    for layer in graph.layers:
-        kv, d = layer.num_kv_heads, layer.head_dim
-        for name in ("key", "value"):
-            shapes[f"past_key_values.{layer.index}.{name}"] = {
-                "min": [b.min, kv, 0, d], "opt": [b.opt, kv, c.opt - 1, d], "max": [b.max, kv, c.max - 1, d],
-            }
+    for io in state_io(graph.layers):
+        layer = io.layer
+        if layer.has_kv:
+            kv, d = layer.num_kv_heads, layer.head_dim
+            shapes[io.past] = {"min": [b.min, kv, 0, d], "opt": [b.opt, kv, c.opt - 1, d], "max": [b.max, kv, c.max - 1, d]}
+        else:  # fixed-size recurrent / conv state
+            fixed = layer.states[io.part]
+            shapes[io.past] = {"min": [b.min, *fixed], "opt": [b.opt, *fixed], "max": [b.max, *fixed]}
     return shapes
 
 

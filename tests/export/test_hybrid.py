@@ -1,0 +1,94 @@
+"""Hybrid Qwen3.5: Gated DeltaNet + gated attention across targets, lengths and chunk boundaries."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from edgekit.types import TARGETS, ExportedGraph
+
+ARCH = "Qwen3_5ForCausalLM"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_prompt_longer_than_the_chunk(exported, hf_folder, target):
+    from edgekit.validate import validate
+
+    report = validate(exported(ARCH, target), str(hf_folder(ARCH)), prompt_length=100, steps=32)
+    assert report.greedy_match == report.greedy_total == 32
+    assert report.max_abs_diff < 1e-3
+
+
+def _all_ops(model: onnx.ModelProto) -> Counter:
+    ops: Counter = Counter()
+    def walk(graph):
+        for node in graph.node:
+            ops[(node.domain or "", node.op_type)] += 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+    walk(model.graph)
+    return ops
+
+
+def test_ort_target_uses_the_fused_kernels(exported):
+    ops = _all_ops(onnx.load(str(exported(ARCH, "ort") / "model.onnx")))
+    assert ops[("com.microsoft", "LinearAttention")] == 3 and ops[("com.microsoft", "CausalConvWithState")] == 3
+    assert ops[("com.microsoft", "GroupQueryAttention")] == 1
+    assert ("", "Loop") not in ops
+
+
+@pytest.mark.parametrize("target", ["portable", "decomposed"])
+def test_standard_targets_scan_chunks_in_one_loop(exported, target):
+    ops = _all_ops(onnx.load(str(exported(ARCH, target) / "model.onnx")))
+    assert all(domain in ("", "ai.onnx") for domain, _ in ops)
+    assert ops[("", "Loop")] == 3  # one per Gated DeltaNet layer, however long the prompt
+
+
+def test_states_are_recorded_per_layer(exported):
+    graph = ExportedGraph.load(exported(ARCH, "ort"))
+    kinds = [layer.kind for layer in graph.layers]
+    assert kinds == ["linear_attention"] * 3 + ["attention"]
+    linear = graph.layers[0]
+    assert linear.states == {"conv": [2 * 2 * 16 + 4 * 16, 3], "recurrent": [4, 16, 16]}
+    names = [t.name for t in graph.inputs]
+    assert names[2:] == ["past_conv.0", "past_recurrent.0", "past_conv.1", "past_recurrent.1", "past_conv.2",
+                         "past_recurrent.2", "past_key_values.3.key", "past_key_values.3.value"]
+    recurrent = {t.name: t for t in graph.inputs}["past_recurrent.0"]
+    assert recurrent.dtype == "float32" and recurrent.shape == ("batch_size", 4, 16, 16)
+
+
+def test_graph_does_not_depend_on_the_traced_length(hf_folder, tmp_path, monkeypatch):
+    import edgekit.export as export
+    from edgekit.generate import generate
+    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.torch import TorchSession, load_reference
+
+    counts = []
+    for example in [(2, 3, 5), (2, 70, 9)]:
+        monkeypatch.setattr(export, "TRACE_EXAMPLE", example)
+        out = tmp_path / f"traced-{example[1]}"
+        export.export_model(str(hf_folder(ARCH)), out, target="portable")
+        counts.append(sum(_all_ops(onnx.load(str(out / "model.onnx"))).values()))
+    assert counts[0] == counts[1]
+    session, reference = open_session(out), TorchSession(load_reference(str(hf_folder(ARCH))))
+    for length in (1, 63, 64, 65, 130):
+        prompt = np.random.default_rng(length).integers(1, 2048, size=length).tolist()
+        assert generate(session, prompt, 4).token_ids == generate(reference, prompt, 4).token_ids
+
+
+def test_fixed_states_ping_pong_without_allocation(exported):
+    from edgekit.runtimes.onnxruntime import open_session
+
+    session = open_session(exported(ARCH, "ort"))
+    session.reset(64)
+    linear = [i for i, io in enumerate(session._io) if not io.layer.has_kv]
+    buffers = {session._past[i].data_ptr() for i in linear} | {session._spare[i].data_ptr() for i in linear}
+    session.forward([1, 2, 3, 4])
+    for token in (5, 6, 7):
+        session.forward([token])
+    after = {session._past[i].data_ptr() for i in linear} | {session._spare[i].data_ptr() for i in linear}
+    assert after == buffers and len(buffers) == 2 * len(linear)
