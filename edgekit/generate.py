@@ -89,13 +89,18 @@ def generate(
     sampling: Sampling = Sampling(),
     eos_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
+    keep_cache: bool = False,
 ) -> Generation:
-    """Prefill ``prompt_ids`` then decode up to ``max_new_tokens``; ``on_token`` streams each id."""
+    """Prefill ``prompt_ids`` then decode up to ``max_new_tokens``; ``on_token`` streams each id.
+
+    ``keep_cache`` continues the sequence already in the session (a chat turn) instead of resetting it.
+    """
     if not prompt_ids:
         raise EdgekitError("the prompt is empty", "pass --prompt TEXT or --prompt-ids 1,2,3")
     result = Generation(prompt_tokens=len(prompt_ids))
     rng = np.random.default_rng(sampling.seed)
-    session.reset(len(prompt_ids) + max_new_tokens)
+    if not keep_cache:
+        session.reset(len(prompt_ids) + max_new_tokens)
     start = time.perf_counter()
     for token in _tokens(session, prompt_ids, max_new_tokens, sampling, rng):
         now = time.perf_counter()

@@ -90,6 +90,18 @@ def measure(contenders: list[Contender], prompts: dict[int, list[int]], new_toke
             progress: Progress) -> list[Measured]:
     """Load each contender, then run them alternately; a failing contender (but the first) is recorded."""
     records = [Measured(c.name, runs={n: [] for n in prompts}) for c in contenders]
+    try:
+        _rounds(contenders, records, prompts, new_tokens, runs, warmup, progress)
+        for contender, record in zip(contenders, records):
+            _attempt(record, records, lambda c=contender, r=record: setattr(r, "memory", c.memory()))
+    finally:  # worker processes end even when the first contender fails
+        for contender in contenders:
+            contender.close()
+    return records
+
+
+def _rounds(contenders: list[Contender], records: list[Measured], prompts: dict[int, list[int]], new_tokens: int,
+            runs: int, warmup: int, progress: Progress) -> None:
     total, done = len(contenders) * (1 + (warmup + runs) * len(prompts)), 0
     for contender, record in zip(contenders, records):
         progress(f"loading {contender.name}", done, total)
@@ -106,10 +118,6 @@ def measure(contenders: list[Contender], prompts: dict[int, list[int]], new_toke
                          _run_once(c, r, n, i, k, counted=round_ >= warmup))
                 done += 1
     progress("done", total, total)
-    for contender, record in zip(contenders, records):
-        _attempt(record, records, lambda c=contender, r=record: setattr(r, "memory", c.memory()))
-        contender.close()
-    return records
 
 
 def _run_once(contender: Contender, record: Measured, length: int, ids: list[int], count: int, counted: bool) -> None:

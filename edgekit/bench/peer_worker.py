@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 INSTALL = {
-    "optimum": "pip install optimum-onnx  (needs transformers < 4.58)",
+    "optimum": "pip install 'optimum-onnx[onnxruntime]'  (needs transformers < 4.58)",
     "genai": "pip install onnxruntime-genai transformers torch",
     "torch": "pip install torch transformers",
 }
@@ -217,8 +217,10 @@ def _folder_bytes(folder: Path, patterns: tuple[str, ...]) -> int:
 
 
 def _prepared(work_dir: str, kind: str, model: str, variant: str) -> Path:
-    """Where this peer's own export of ``model`` lives (one per model folder and variant)."""
-    key = hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:10]
+    """Where this peer's own export of ``model`` lives: one per model folder, its files' sizes and
+    times (a folder saved anew gets a new export) and variant."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model).iterdir() if p.is_file())
+    key = hashlib.sha1(repr((str(Path(model).resolve()), files)).encode()).hexdigest()[:10]
     return Path(work_dir) / f"{kind}-{variant or 'default'}-{key}"
 
 
@@ -365,7 +367,7 @@ class Worker:
             return {"error": f"not installed: {INSTALL.get(request.get('kind') or '', 'pip install ' + str(exc.name))}"
                              f" ({exc})"}
         except Exception as exc:  # a peer's failure is a result to report, not a crash
-            return {"error": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:400]}"}
+            return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"}
 
     def _load(self, request: dict) -> dict:
         kind, variant = request["kind"], request.get("variant") or "fp32"
@@ -379,6 +381,8 @@ class Worker:
         return {"load_ms": load_ms, "engine_bytes": self.peer.engine_bytes, "detail": self.peer.detail}
 
     def _run(self, request: dict) -> dict:
+        if self.peer is None:
+            raise RuntimeError("no peer is loaded: send a 'load' request first")
         with self.memory.running():
             return self.peer.run(list(request["prompt_ids"]), int(request["new_tokens"]))
 

@@ -112,7 +112,7 @@ def inspect_bundle(path: str | Path) -> BundleInfo:
     """Read a bundle's manifest (checked against the schema); no member is hashed."""
     path = Path(path)
     head, manifest, _ = _read(path)
-    return _info(path, head, manifest, "signed (not checked)" if head.signature is not None else "unsigned")
+    return _info(path, head, manifest, _signature_state(path, head, None))
 
 
 def verify_bundle(path: str | Path, pubkey: str | Path | None = None) -> BundleInfo:
@@ -185,7 +185,7 @@ def choose_engine(manifest: dict[str, Any], bundle: Path, profile: str | None = 
         raise _refusal(bundle, manifest, engines, missing, here)
 
     def rank(engine: dict[str, Any]) -> tuple:
-        return (engine.get("profile") != here, engine.get("kind") == "export",
+        return (here is None or engine.get("profile") != here, engine.get("kind") == "export",
                 engine["requirements"].get("device", "cpu") == "cpu")
 
     return min(fits, key=rank)  # min keeps manifest order among equals
@@ -220,5 +220,5 @@ def _refusal(bundle: Path, manifest: dict[str, Any], engines: list[dict], missin
     return NoFittingEngine(
         f"{bundle} has no engine for this machine (profile {here or 'none fits: see edgekit doctor'}): {what}",
         f"build one here and package it: `edgekit build {export} --profile {target} -o build-{target}`, "
-        f"then `edgekit package build-{target} [other builds...] -o {bundle.name}`",
+        f"then `edgekit package build-{target} OTHER_BUILDS... -o {bundle.name}`",
     )

@@ -8,6 +8,7 @@ one folder asked for, so nothing lands outside it and nothing unverified is left
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tarfile
@@ -207,16 +208,17 @@ def _copy_checked(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: dict, path
     """Stream one member into ``target`` (or nowhere), checking its length and sha256."""
     digest, size = hashlib.sha256(), 0
     source = tar.extractfile(info)
-    out = None
     try:
-        if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            out = open(target, "xb")  # exclusive: never follows or replaces what is already there
-        for chunk in iter(lambda: source.read(CHUNK), b""):
-            digest.update(chunk)
-            size += len(chunk)
-            if out is not None:
-                out.write(chunk)
+        with contextlib.ExitStack() as stack:
+            out = None
+            if target is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                out = stack.enter_context(open(target, "xb"))  # exclusive: never follows or replaces a file
+            for chunk in iter(lambda: source.read(CHUNK), b""):
+                digest.update(chunk)
+                size += len(chunk)
+                if out is not None:
+                    out.write(chunk)
     except FileExistsError:
         raise BundleError(f"{path}: member {info.name!r} would overwrite {target}", REPACKAGE) from None
     except tarfile.ReadError as exc:  # "unexpected end of data"
@@ -225,9 +227,6 @@ def _copy_checked(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: dict, path
     except (tarfile.TarError, OSError) as exc:
         raise BundleError(f"{path}: member {info.name!r} cannot be read or written ({exc})",
                           "copy the bundle again; check the disk") from None
-    finally:
-        if out is not None:
-            out.close()
     if size != entry["bytes"]:
         raise BundleError(f"{path}: member {info.name!r} is truncated ({size} of {entry['bytes']} bytes)",
                           "copy the bundle again, or " + REPACKAGE)

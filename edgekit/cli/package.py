@@ -29,7 +29,8 @@ def package(
         print_json(info.to_dict())
         return
     engines = ", ".join(f"{e['id']} ({e['runtime']})" for e in info.engines)
-    console.print(f"[green]packaged[/] {escape(str(out))}  ({_mb(info.bytes)}, {info.signature}): {escape(engines)}")
+    console.print(f"[green]packaged[/] {escape(str(out))}  ({_mb(info.bytes)}, {escape(info.signature)}): "
+                  f"{escape(engines)}", soft_wrap=True)
 
 
 def inspect(
@@ -52,21 +53,21 @@ def inspect(
     out.print(_engine_table(manifest))
     for e in manifest["engines"]:
         needs = "; ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in e["requirements"].items())
-        out.print(f"  [bold]{escape(e['id'])}[/] needs {escape(needs)}", soft_wrap=True)
+        figures = "".join(f" · {k} {json.dumps(e[k], separators=(',', ':'))}" for k in ("quality", "bench") if k in e)
+        out.print(f"  [bold]{escape(e['id'])}[/] needs {escape(needs)} · made by edgekit "
+                  f"{escape(str(e.get('edgekit_version')))}{escape(figures)}", soft_wrap=True)
 
 
 def _engine_table(manifest: dict) -> Table:
     from edgekit.bundle.manifest import engine_bytes
 
     table = Table(box=None, padding=(0, 2), header_style="bold")
-    for column in ("engine", "profile", "runtime", "precision", "size", "made by", "quality / bench"):
-        table.add_column(column)
+    for column in ("engine", "profile", "runtime", "precision", "quantization", "size"):
+        table.add_column(column, no_wrap=True)
     for e in manifest["engines"]:
-        figures = json.dumps({k: e[k] for k in ("quality", "bench") if k in e}, separators=(",", ":"))
         table.add_row(*(escape(str(x)) for x in (
-            e["id"], e.get("profile") or "(export)", e["runtime"], f"{e.get('precision')}/{e.get('quantization')}",
-            _mb(engine_bytes(e, manifest)), f"edgekit {e.get('edgekit_version')}",
-            figures if figures != "{}" else "-")))
+            e["id"], e.get("profile") or "(export)", e["runtime"], e.get("precision"), e.get("quantization"),
+            _mb(engine_bytes(e, manifest)))))
     return table
 
 
@@ -86,7 +87,7 @@ def verify(
                     "manifest_sha256": info.manifest_sha256, "signature": info.signature})
         return
     console.print(f"[green]verified[/] {escape(str(path))}: {members} files, {_mb(info.bytes)}, "
-                  f"{len(info.engines)} engine(s) · {escape(info.signature)}")
+                  f"{len(info.engines)} engine(s) · {escape(info.signature)}", soft_wrap=True)
 
 
 def keygen(
@@ -98,7 +99,8 @@ def keygen(
 
     private, public = make_keys(out, force=force)
     console.print(f"[green]wrote[/] private key {escape(str(private))} (keep it secret) and public key "
-                  f"{escape(str(public))} (give it to devices: edgekit verify FILE --pubkey {escape(str(public))})")
+                  f"{escape(str(public))} (give it to devices: edgekit verify FILE --pubkey {escape(str(public))})",
+                  soft_wrap=True)
 
 
 def _mb(size: int) -> str:

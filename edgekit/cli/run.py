@@ -22,7 +22,8 @@ def run(
     seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print token ids, text and timings as JSON."),
-    profile: str = typer.Option(None, "--profile", help="With a bundle: the engine for this profile, not the best fit."),
+    profile: str = typer.Option(None, "--profile", help="With a bundle: this profile's engine, not the best fit."),
+    chat: bool = typer.Option(False, "--chat", help="Converse turn by turn on stdin; the cache persists between turns."),
 ) -> None:
     """Generate from PROMPT with the exported model (greedy unless a sampling option is given)."""
     from edgekit.generate import Sampling, generate
@@ -39,6 +40,8 @@ def run(
     elif profile is not None:
         raise EdgekitError("--profile applies to bundles (FILE.edgepkg)", "pass a .edgepkg file, or drop --profile")
     session = open_session(path, threads=threads)
+    if chat:
+        return _chat(session, prompt, max_new_tokens, sampling, json_out)
     tokenizer = load_tokenizer(session.graph, required=prompt is not None)
     ids = _prompt_ids(prompt, prompt_ids, tokenizer)
     stream = None if json_out or tokenizer is None else tokenizer.stream(sys.stdout)
@@ -59,6 +62,35 @@ def run(
         f"[dim]{len(result.token_ids)} tokens · first token {result.ttft_ms:.1f} ms · "
         f"decode {result.decode_tokens_per_s:.1f} tok/s · {session.providers[0]}[/]"
     )
+
+
+def _chat(session, prompt, max_new_tokens, sampling, json_out) -> None:
+    """Read user turns from stdin (the first may come from --prompt) until EOF or 'exit'."""
+    from edgekit.chat import Conversation, load_chat_template
+    from edgekit.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(session.graph, required=True)
+    conversation = Conversation(session, tokenizer, load_chat_template(session.graph), max_new_tokens, sampling)
+    interactive = sys.stdin.isatty()
+    turns = []
+    while True:
+        if prompt is None:
+            if interactive:
+                console.print("[bold]>>>[/] ", end="")
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("exit", "quit"):
+                break
+            prompt = line.rstrip("\n")
+        turn = conversation.send(prompt)
+        prompt = None
+        turns.append({"reply": turn.reply, "prefilled_tokens": turn.prefilled_tokens,
+                      "token_ids": turn.generation.token_ids, "ttft_ms": turn.generation.ttft_ms})
+        if not json_out:
+            sys.stdout.write(turn.reply + "\n")
+            console.print(f"[dim]prefilled {turn.prefilled_tokens} tokens · first token "
+                          f"{turn.generation.ttft_ms:.1f} ms{' · restarted' if turn.restarted else ''}[/]")
+    if json_out:
+        print_json({"turns": turns, "cached_tokens": session.length})
 
 
 def _prompt_ids(prompt, prompt_ids, tokenizer) -> list[int]:

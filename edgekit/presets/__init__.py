@@ -6,6 +6,8 @@ as an ordinary Hugging Face folder, so export and validate read the very same we
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +22,7 @@ PRESETS: dict[str, tuple[str, int]] = {
     "tiny-qwen2": ("Qwen2ForCausalLM", 0),
     "tiny-mistral": ("MistralForCausalLM", 0),
     "tiny-qwen3.5": ("Qwen3_5ForCausalLM", 0),
+    "tiny-gemma3": ("Gemma3ForCausalLM", 0),
 }
 
 
@@ -43,11 +46,14 @@ def materialize(name: str) -> Path:
 
     from edgekit._files import atomic_dir
 
-    folder = cache_dir() / "presets" / f"{name}-transformers{transformers.__version__}"
+    architecture, seed = PRESETS[name]
+    values = preset_config(name)
+    # The folder name pins everything the weights depend on, so a changed preset is rebuilt.
+    digest = hashlib.sha256(json.dumps([values, seed], sort_keys=True).encode()).hexdigest()[:10]
+    folder = cache_dir() / "presets" / f"{name}-{digest}-transformers{transformers.__version__}"
     if (folder / "config.json").is_file():
         return folder
-    architecture, seed = PRESETS[name]
-    config = transformers.AutoConfig.for_model(**preset_config(name))
+    config = transformers.AutoConfig.for_model(**values)
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
     with atomic_dir(folder, force=True) as tmp:

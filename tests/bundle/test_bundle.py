@@ -158,6 +158,11 @@ def test_failed_or_refused_packaging_leaves_no_file(builds, exported, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.edgepkg"]
 
 
+def test_same_folders_make_the_same_bytes(builds, bundle, tmp_path):
+    again = pack_bundle([builds.here, builds.other], tmp_path / "again.edgepkg")
+    assert again.path.read_bytes() == bundle.read_bytes()
+
+
 def test_bundle_code_imports_no_export_dependency():
     root = Path(__file__).resolve().parents[2] / "edgekit" / "bundle"
     heavy = re.compile(r"^\s*(import|from)\s+(torch|transformers|onnx|onnxscript|onnx_ir)\b", re.MULTILINE)
@@ -189,3 +194,38 @@ def test_cli(builds, tmp_path):
     assert keyed.returncode == 0 and (tmp_path / "k.pem.pub").is_file()
     wrong = edgekit("verify", str(out), "--pubkey", str(tmp_path / "k.pem.pub"))
     assert wrong.returncode == 1 and "unsigned" in wrong.stderr and "hint:" in wrong.stderr
+
+
+def _machine(gpus=(), jetson=False, flags=("avx2", "fma", "sse4_2"), providers=None):
+    from edgekit.doctor import Gpu, Machine
+
+    return Machine(cpu_model="test", arch="aarch64" if jetson else "x86_64", cpu_flags=tuple(sorted(flags)), cores=8,
+                   ram_gb=64.0, gpus=tuple(Gpu(*g) for g in gpus), is_jetson=jetson, driver_version=None,
+                   cuda_version=None, tensorrt_version="10.3.0.30" if jetson else None, onnxruntime_version="1.22",
+                   onnxruntime_package="onnxruntime-gpu",
+                   providers=providers or {"CUDAExecutionProvider": "works", "CPUExecutionProvider": "works"})
+
+
+def _engine(engine_id, runtime, requirements, kind="build"):
+    return {"id": engine_id, "profile": None if kind == "export" else engine_id, "kind": kind, "runtime": runtime,
+            "requirements": requirements}
+
+
+def test_choice_prefers_this_machines_profile_then_builds_then_gpus(tmp_path):
+    from edgekit.bundle import choose_engine
+
+    cuda = {"device": "gpu", "compute_capability": "8.9", "onnxruntime_provider": "CUDAExecutionProvider"}
+    engines = [_engine("export-ort", "ort-cpu", {"device": "cpu"}, kind="export"),
+               _engine("cpu-x86-64", "ort-cpu", {"device": "cpu", "cpu_flags": ["avx2", "fma"]}),
+               _engine("l4", "ort-cuda", cuda),
+               _engine("jetson-orin-nano-8gb", "tensorrt",
+                       {"device": "jetson", "compute_capability": "8.7", "tensorrt": "10.3"})]
+    manifest = {"engines": engines}
+    pick = lambda machine, **kw: choose_engine(manifest, tmp_path / "m.edgepkg", machine=machine, **kw)["id"]  # noqa: E731
+    assert pick(_machine(gpus=[("NVIDIA L4", "8.9", 22.5)])) == "l4"
+    assert pick(_machine(gpus=[("NVIDIA L4", "8.9", 22.5)]), profile="cpu-x86-64") == "cpu-x86-64"
+    assert pick(_machine(gpus=[("NVIDIA H200", "9.0", 139.8)])) == "cpu-x86-64"  # the L4 build is not for sm_90
+    assert pick(_machine()) == "cpu-x86-64"
+    assert pick(_machine(flags=("sse4_2",))) == "export-ort"  # an old CPU: only the portable export fits
+    with pytest.raises(NoFittingEngine, match="native TensorRT plan"):  # fits the board, but run cannot drive it
+        pick(_machine(gpus=[("Orin", "8.7", 7.4)], jetson=True, flags=("asimd",)), profile="jetson-orin-nano-8gb")

@@ -66,7 +66,8 @@ def test_hostile_members_are_refused_and_nothing_is_written(builds, bundle, tmp_
     evil = _hostile_members(tmp_path, builds.here_profile)[kind]
     at = 1 if where == "first" else len(members)  # right after the manifest, or after the engine's files
     crafted = _write(tmp_path / "crafted.edgepkg", members[:at] + [evil] + members[at:])
-    assert evil[0].name in tarfile.open(crafted).getnames()  # tarfile kept the hostile name as written
+    with tarfile.open(crafted) as tar:
+        assert evil[0].name in tar.getnames()  # tarfile kept the hostile name as written
     for attempt in (lambda: verify_bundle(crafted), lambda: open_bundle(crafted)):
         with pytest.raises(BundleError) as info:
             attempt()

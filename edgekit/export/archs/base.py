@@ -149,7 +149,7 @@ def tiny_common(**overrides: Any) -> dict[str, Any]:
         "num_key_value_heads": 2,
         "head_dim": 16,
         "vocab_size": 2048,
-        "max_position_embeddings": 256,
+        "max_position_embeddings": 1024,
         "rms_norm_eps": 1e-6,
         "initializer_range": 0.1,
         "bos_token_id": 0,

@@ -1,0 +1,87 @@
+"""Multi-turn chat over one session: the cache (KV and recurrent states) persists between turns,
+so each turn prefills only its own tokens.
+
+The chat template comes from the export's tokenizer_config.json (or chat_template.jinja) and is
+rendered with Jinja2, as transformers does. Each turn renders the whole conversation and feeds
+only the text past what the cache already holds; if the template rewrites history (some do), the
+conversation is re-prefilled from scratch rather than continued wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from edgekit.errors import ArtifactError
+from edgekit.generate import Generation, Sampling, generate
+from edgekit.tokenizer import Tokenizer
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def load_chat_template(graph: Any) -> str:
+    """The export's chat template, or an error saying where it looked."""
+    jinja = graph.path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = graph.path / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template:
+        raise ArtifactError(f"{graph.path} has no chat template (tokenizer_config.json or chat_template.jinja)",
+                            "use --prompt without --chat, or export a model whose tokenizer has one")
+    return template
+
+
+@dataclass
+class Turn:
+    """One exchange: the reply and what it cost."""
+
+    reply: str
+    prefilled_tokens: int
+    generation: Generation
+    restarted: bool
+
+
+class Conversation:
+    """Keeps messages, the text the cache holds, and the session between turns."""
+
+    def __init__(self, session: Any, tokenizer: Tokenizer, template: str, max_new_tokens: int = 256,
+                 sampling: Sampling = Sampling(), system: str | None = None):
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+        self.template = env.from_string(template)
+        self.session, self.tokenizer = session, tokenizer
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.cached_text = ""  # the conversation's text so far: the cache plus ``pending``
+        self.ids: list[int] = []  # the same as token ids
+        self.pending: list[int] = []  # the last generated token, never fed back yet
+        ids = [tokenizer.token_id(t) for t in END_OF_TURN]
+        graph = session.graph
+        self.stop_ids = tuple(graph.model.eos_token_ids) + tuple(i for i in ids if i is not None)
+        self.session.reset(0)
+
+    def render(self, add_generation_prompt: bool) -> str:
+        return self.template.render(messages=self.messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token="", eos_token="")
+
+    def send(self, text: str) -> Turn:
+        """Add a user message, generate the reply, keep everything cached."""
+        self.messages.append({"role": "user", "content": text})
+        full = self.render(add_generation_prompt=True)
+        restarted = not full.startswith(self.cached_text)
+        if restarted:  # the template changed earlier text: start over from the whole conversation
+            self.session.reset(0)
+            self.cached_text, self.ids, self.pending = "", [], []
+        new_ids = self.pending + self.tokenizer.encode(full[len(self.cached_text):])
+        result = generate(self.session, new_ids, self.max_new_tokens, self.sampling, self.stop_ids, keep_cache=True)
+        reply = self.tokenizer.decode([t for t in result.token_ids if t not in self.stop_ids])
+        self.cached_text = full + self.tokenizer.decode(result.token_ids, skip_special_tokens=False)
+        self.ids += new_ids + result.token_ids[:-1]
+        self.pending = result.token_ids[-1:]
+        self.messages.append({"role": "assistant", "content": reply})
+        return Turn(reply, len(new_ids), result, restarted)
