@@ -93,7 +93,7 @@ def measure(contenders: list[Contender], prompts: dict[int, list[int]], new_toke
     try:
         _rounds(contenders, records, prompts, new_tokens, runs, warmup, progress)
         for contender, record in zip(contenders, records):
-            _attempt(record, records, lambda c=contender, r=record: setattr(r, "memory", c.memory()))
+            _attempt(contender, record, records, lambda c=contender, r=record: setattr(r, "memory", c.memory()))
     finally:  # worker processes end even when the first contender fails
         for contender in contenders:
             contender.close()
@@ -105,7 +105,7 @@ def _rounds(contenders: list[Contender], records: list[Measured], prompts: dict[
     total, done = len(contenders) * (1 + (warmup + runs) * len(prompts)), 0
     for contender, record in zip(contenders, records):
         progress(f"loading {contender.name}", done, total)
-        _attempt(record, records, lambda c=contender, r=record: setattr(r, "loaded", c.load()))
+        _attempt(contender, record, records, lambda c=contender, r=record: setattr(r, "loaded", c.load()))
         done += 1
     first_length = next(iter(prompts))
     for round_ in range(warmup + runs):
@@ -114,7 +114,7 @@ def _rounds(contenders: list[Contender], records: list[Measured], prompts: dict[
             for length, ids in prompts.items():
                 progress(f"{contender.name} · {label} · prompt {length}", done, total)
                 count = new_tokens if length == first_length else 1
-                _attempt(record, records, lambda c=contender, r=record, n=length, i=ids, k=count:
+                _attempt(contender, record, records, lambda c=contender, r=record, n=length, i=ids, k=count:
                          _run_once(c, r, n, i, k, counted=round_ >= warmup))
                 done += 1
     progress("done", total, total)
@@ -126,8 +126,9 @@ def _run_once(contender: Contender, record: Measured, length: int, ids: list[int
         record.runs[length].append(timing)
 
 
-def _attempt(record: Measured, records: list[Measured], step: Callable[[], Any]) -> None:
-    """Run one step of a contender unless it already failed; its failure is recorded, not raised.
+def _attempt(contender: Contender, record: Measured, records: list[Measured], step: Callable[[], Any]) -> None:
+    """Run one step of a contender unless it already failed; its failure is recorded, not raised,
+    and the contender closed at once (its memory would weigh on the others' runs).
 
     The first contender (edgekit) is the yardstick of every ratio: its failure stops the bench.
     """
@@ -139,6 +140,7 @@ def _attempt(record: Measured, records: list[Measured], step: Callable[[], Any])
         if record is records[0]:
             raise
         record.error = exc.message if isinstance(exc, EdgekitError) else f"{type(exc).__name__}: {exc}"
+        contender.close()
 
 
 def _check_settings(graph: ExportedGraph, lengths: list[int], new_tokens: int, runs: int, warmup: int) -> list[int]:

@@ -2,7 +2,7 @@
 
 A contender is ``load() -> Loaded``, ``run(prompt_ids, new_tokens) -> RunTiming`` (greedy, exactly
 ``new_tokens`` tokens, no early stop), ``memory() -> {"peak_rss_mb", "peak_device_mb"}`` and
-``close()``. In-process contenders wrap a runtime session in edgekit's own generation loop;
+``close()`` (which may be called twice). In-process contenders wrap a runtime session in edgekit's own generation loop;
 peers (optimum, onnxruntime-genai) go through :mod:`edgekit.bench.peer_worker`, in this process
 or, with ``NAME=PYTHON``, in a child process of that interpreter.
 """
@@ -223,7 +223,10 @@ class PeerContender:
     def close(self) -> None:
         self._worker = None
         if self._process is not None:
-            self._process.stdin.close()
+            try:
+                self._process.stdin.close()  # the worker exits at end of input
+            except OSError:  # it already died: nothing left to flush
+                pass
             try:
                 self._process.wait(timeout=30)
             except subprocess.TimeoutExpired:

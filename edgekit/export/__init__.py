@@ -48,7 +48,7 @@ def export_model(
     config = resolve.load_config(folder)
     arch = arch_for(config, folder / "config.json")
     generation = resolve.load_generation_config(folder)
-    hf_model = resolve.load_model(folder, config, dtype)
+    hf_model = resolve.load_model(folder, config, dtype, arch.auto_class)
     with atomic_dir(out, force) as tmp:
         onnx_model = _trace(hf_model, arch)
         from edgekit.export.lower import TARGET_OPSETS, lower

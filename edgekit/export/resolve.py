@@ -74,14 +74,14 @@ def load_generation_config(folder: Path) -> dict[str, Any]:
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def load_model(folder: Path, config: Any, dtype: str = "fp32") -> Any:
-    """The Hugging Face causal LM in eval mode, in ``dtype``, with eager attention."""
+def load_model(folder: Path, config: Any, dtype: str = "fp32", auto_class: str = "AutoModelForCausalLM") -> Any:
+    """The Hugging Face model in eval mode, in ``dtype``, with eager attention."""
     import torch
     import transformers
 
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        model = getattr(transformers, auto_class).from_pretrained(
             folder, config=config, dtype=torch_dtype, attn_implementation="eager"
         )
     except (OSError, ValueError, RuntimeError) as exc:

@@ -17,8 +17,8 @@ def load_reference(model: str, dtype: str = "fp32") -> Any:
 
     folder = resolve.resolve_model(model)
     config = resolve.load_config(folder)
-    arch_for(config, folder / "config.json")  # same refusal as export for unsupported families
-    return resolve.load_model(folder, config, dtype)
+    arch = arch_for(config, folder / "config.json")  # same refusal as export for unsupported families
+    return resolve.load_model(folder, config, dtype, arch.auto_class)
 
 
 class TorchSession:

@@ -26,11 +26,16 @@ class DecoderArch:
     model_type: ClassVar[str] = ""
     qk_norm: ClassVar[bool] = False  # per-head RMSNorm on q and k before rotary (Qwen3)
     attention_gate: ClassVar[bool] = False  # q_proj doubled into query + sigmoid output gate (Qwen3.5)
+    text_config: ClassVar[str | None] = None  # multimodal checkpoints: the sub-config of the text model
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"  # the transformers class that loads the checkpoint
 
     def __init__(self, config: Any, config_path: Path | None = None):
-        self.config = config
+        self.full_config = config
+        self.config = getattr(config, self.text_config) if self.text_config else config
         self.config_path = config_path
         raw = json.loads(config_path.read_text()) if config_path is not None else config.to_dict()
+        if self.text_config:
+            raw = raw.get(self.text_config) or {}
         for name in REQUIRED_FIELDS:
             if raw.get(name) is None:
                 raise ConfigError(f"{config_path or 'the model config'} has no {name!r}", f"add {name!r} to config.json")

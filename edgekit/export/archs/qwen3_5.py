@@ -65,3 +65,27 @@ class Qwen3_5(DecoderArch):
         if self.layer_kind(index) == "linear_attention":
             return wrapper.gated_deltanet(layer.linear_attn, x, states[0], states[1], index)
         return super().mixer(wrapper, index, layer, x, states, mask)
+
+
+@register
+class Qwen3_5Multimodal(Qwen3_5):
+    """The text model inside Qwen3.5/3.6 image-text checkpoints (e.g. Qwen3.6-27B); the vision tower stays behind."""
+
+    architectures = ("Qwen3_5ForConditionalGeneration",)
+    model_type = "qwen3_5"
+    text_config = "text_config"
+    auto_class = "AutoModelForImageTextToText"
+
+    @staticmethod
+    def tiny_config():
+        text = Qwen3_5.tiny_config()
+        for key in ("architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+            text.pop(key)
+        vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                  "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 16}
+        return {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "text_config": text,
+                "vision_config": vision, "tie_word_embeddings": True, "image_token_id": 2000, "video_token_id": 2001,
+                "vision_start_token_id": 2002, "vision_end_token_id": 2003, "eos_token_id": 0}
+
+    def decoder(self, model):
+        return model.model.language_model
