@@ -109,13 +109,13 @@ class DecoderForExport(nn.Module):
         """Gated DeltaNet: projections, causal conv with state, gated delta rule, gated RMSNorm, out_proj."""
         b, s = x.shape[0], x.shape[1]
         hk, hv, dk, dv = gdn.num_k_heads, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim
-        mixed, conv_state = ops.causal_conv1d(gdn.in_proj_qkv(x), gdn.conv1d.weight.squeeze(1), past_conv, 1)
+        mixed, z, b_proj, a_proj = self.arch.deltanet_projections(gdn, x)  # z: (B, S, Hv, dv)
+        mixed, conv_state = ops.causal_conv1d(mixed, gdn.conv1d.weight.squeeze(1), past_conv, 1)
         q, k, v = torch.split(mixed, [hk * dk, hk * dk, hv * dv], dim=-1)  # (B, S, Hk*dk) x2, (B, S, Hv*dv)
-        beta = torch.sigmoid(gdn.in_proj_b(x))  # (B, S, Hv)
+        beta = torch.sigmoid(b_proj)  # (B, S, Hv)
         # Decay in log space, in fp32: -exp(A_log) * softplus(a + dt_bias).
-        g = -gdn.A_log.float().exp() * F.softplus(gdn.in_proj_a(x).float() + gdn.dt_bias)  # (B, S, Hv)
+        g = -gdn.A_log.float().exp() * F.softplus(a_proj.float() + gdn.dt_bias)  # (B, S, Hv)
         out, recurrent = ops.gated_delta_rule(q, k, v, g, beta, past_recurrent, hk, hv, float(dk**-0.5))
-        z = gdn.in_proj_z(x).view(b, s, hv, dv)  # (B, S, Hv, dv)
         normed = self.norm(out.view(b, s, hv, dv), gdn.norm.weight)
         out = (normed.float() * F.silu(z.float())).to(x.dtype).reshape(b, s, hv * dv)  # (B, S, Hv*dv)
         return gdn.out_proj(out), [conv_state, recurrent]

@@ -22,6 +22,7 @@ PRESETS: dict[str, tuple[str, int]] = {
     "tiny-qwen2": ("Qwen2ForCausalLM", 0),
     "tiny-mistral": ("MistralForCausalLM", 0),
     "tiny-qwen3.5": ("Qwen3_5ForCausalLM", 0),
+    "tiny-qwen3-next": ("Qwen3NextForCausalLM", 0),
     "tiny-gemma3": ("Gemma3ForCausalLM", 0),
 }
 

@@ -188,3 +188,15 @@ def test_gemma3_noisy_norms_export_exactly(noisy_folder, tmp_path):
     report = validate(tmp_path / "out", str(folder), prompt_length=40, steps=8)
     assert report.greedy_match == report.greedy_total == 8
     assert report.max_abs_diff < 1e-3
+
+
+def test_bidirectional_gemma_is_refused():
+    import transformers
+
+    from edgekit.errors import ConfigError
+    from edgekit.export.archs import arch_for, families
+
+    values = {**families()[GEMMA3].tiny_config(), "use_bidirectional_attention": True}
+    config = transformers.AutoConfig.for_model(**values)
+    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
+        arch_for(config)

@@ -14,10 +14,11 @@ ARCH = "Qwen3_5ForCausalLM"
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_prompt_longer_than_the_chunk(exported, hf_folder, target):
+@pytest.mark.parametrize("architecture", [ARCH, "Qwen3NextForCausalLM"])
+def test_prompt_longer_than_the_chunk(exported, hf_folder, architecture, target):
     from edgekit.validate import validate
 
-    report = validate(exported(ARCH, target), str(hf_folder(ARCH)), prompt_length=100, steps=32)
+    report = validate(exported(architecture, target), str(hf_folder(architecture)), prompt_length=100, steps=32)
     assert report.greedy_match == report.greedy_total == 32
     assert report.max_abs_diff < 1e-3
 
@@ -92,3 +93,24 @@ def test_fixed_states_ping_pong_without_allocation(exported):
         session.forward([token])
     after = {session._past[i].data_ptr() for i in linear} | {session._spare[i].data_ptr() for i in linear}
     assert after == buffers and len(buffers) == 2 * len(linear)
+
+
+def test_qwen3_next_routes_experts_on_the_fused_kernel(exported):
+    ops = _all_ops(onnx.load(str(exported("Qwen3NextForCausalLM", "ort") / "model.onnx")))
+    assert ops[("com.microsoft", "MoE")] == 3  # layers 0, 2, 3; layer 1 is a dense MLP (mlp_only_layers)
+    dense = _all_ops(onnx.load(str(exported("Qwen3NextForCausalLM", "portable") / "model.onnx")))
+    assert dense[("", "TopK")] == 3 and dense[("", "ScatterElements")] == 3
+
+
+def test_moe_routing_matters(hf_folder):
+    """Guards the parity tests: uniform routing instead of the top-k must change the output."""
+    import torch
+
+    from edgekit.export.ops.moe import moe
+
+    torch.manual_seed(0)
+    x, logits = torch.randn(1, 3, 8), torch.randn(1, 3, 4) * 3
+    gate_up, down = torch.randn(4, 12, 8), torch.randn(4, 8, 6)
+    routed = moe(x, logits, gate_up, down, 2, 1)
+    everyone = moe(x, torch.zeros_like(logits), gate_up, down, 4, 1)
+    assert (routed - everyone).abs().max() > 1e-2

@@ -81,7 +81,17 @@ class DecoderArch:
             x, residual = wrapper.add_norm(hidden, residual, layer.input_layernorm.weight)
         out, produced = self.mixer(wrapper, index, layer, x, states, mask)
         x, residual = wrapper.add_norm(out, residual, layer.post_attention_layernorm.weight)
-        return layer.mlp(x), residual, produced
+        return self.feed_forward(wrapper, layer, x), residual, produced
+
+    def feed_forward(self, wrapper: Any, layer: Any, x: Any) -> Any:
+        """The layer's MLP (Hugging Face's module, traced as it is)."""
+        return layer.mlp(x)
+
+    def deltanet_projections(self, gdn: Any, x: Any):
+        """Gated DeltaNet inputs: (mixed q|k|v (B, S, C), z (B, S, Hv, dv), b and a (B, S, Hv))."""
+        b, s = x.shape[0], x.shape[1]
+        z = gdn.in_proj_z(x).view(b, s, gdn.num_v_heads, gdn.head_v_dim)
+        return gdn.in_proj_qkv(x), z, gdn.in_proj_b(x), gdn.in_proj_a(x)
 
     def mixer(self, wrapper: Any, index: int, layer: Any, x: Any, states: tuple, mask: Any):
         """The token mixer of layer ``index``: (output, new states)."""

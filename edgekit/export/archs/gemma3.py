@@ -60,7 +60,8 @@ class Gemma3(Gemma2):
         )
 
     def rotary_modules(self, decoder):
-        return {TABLES[kind]: LayerTypeRotary(decoder.rotary_emb, kind) for kind in sorted(set(self.config.layer_types))}
+        kinds = sorted(set(self.config.layer_types))
+        return {TABLES[kind]: LayerTypeRotary(decoder.rotary_emb, kind) for kind in kinds}
 
     def rotary_table(self, index: int) -> str:
         return TABLES[self.config.layer_types[index]]

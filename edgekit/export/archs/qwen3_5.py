@@ -20,6 +20,7 @@ class Qwen3_5(DecoderArch):
     model_type = "qwen3_5_text"
     qk_norm = True
     attention_gate = True
+    norm_class = "Qwen3_5RMSNorm"  # the (1 + w) norm class whose weights prepare() folds
 
     @staticmethod
     def tiny_config():
@@ -58,7 +59,7 @@ class Qwen3_5(DecoderArch):
         # Qwen3_5RMSNorm computes norm(x) * (1 + w); edgekit's op computes norm(x) * w'.
         # The gated norm inside Gated DeltaNet is a plain w and is left alone.
         for module in wrapper.decoder.modules():
-            if type(module).__name__ == "Qwen3_5RMSNorm":
+            if type(module).__name__ == self.norm_class:
                 module.weight = torch.nn.Parameter(module.weight.detach() + 1.0, requires_grad=False)
 
     def mixer(self, wrapper, index, layer, x, states, mask):
