@@ -6,36 +6,42 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from edgekit._files import atomic_dir, check_output
-from edgekit.build.plan import BuildPlan, BuildRefused, make_plan
+from edgekit._files import atomic_dir, check_output, sha256_file
+from edgekit.build.plan import BuildPlan, BuildRefused, QuantOptions, make_plan
 from edgekit.profiles import load_profile
 from edgekit.types import SCHEMA_VERSION, SIDECAR, ExportedGraph
 
-__all__ = ["BuildPlan", "BuildRefused", "build_engine", "plan_build"]
+__all__ = ["BuildPlan", "BuildRefused", "QuantOptions", "build_engine", "plan_build"]
 
 
 def plan_build(export_dir: str | Path, profile: str | Path, runtime: str | None = None,
-               precision: str | None = None) -> BuildPlan:
+               precision: str | None = None, quant: QuantOptions | None = None) -> BuildPlan:
     """The checked plan for building ``export_dir`` for ``profile`` (nothing is built)."""
     graph = ExportedGraph.load(export_dir)
     if graph.build is not None:
         raise BuildRefused(f"{export_dir} is already a build (for {graph.build['profile']})",
                            "pass the export folder it came from")
-    return make_plan(graph, load_profile(profile), runtime, precision)
+    return make_plan(graph, load_profile(profile), runtime, precision, quant)
 
 
 def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, runtime: str | None = None,
-                 precision: str | None = None, force: bool = False) -> ExportedGraph:
-    """Build ``export_dir`` for ``profile`` into ``out``; returns the build, loadable like an export."""
+                 precision: str | None = None, force: bool = False, quant: QuantOptions | None = None,
+                 quality_text: str | Path | None = None) -> ExportedGraph:
+    """Build ``export_dir`` for ``profile`` into ``out``; returns the build, loadable like an export.
+
+    ``quant`` picks weight-only quantization (default: the profile's, on CPU profiles, unless
+    ``precision`` is given); it is applied to the optimized ONNX Runtime model. With
+    ``quality_text`` the build's quality against the export's source model (PyTorch, fp32) is
+    measured on that text and recorded in the sidecar as ``build.quality``.
+    """
     out = Path(out)
     check_output(out, force)
-    plan = plan_build(export_dir, profile, runtime, precision)
+    plan = plan_build(export_dir, profile, runtime, precision, quant)
     graph = ExportedGraph.load(export_dir)
     _check_environment(plan)
     with atomic_dir(out, force) as tmp:
@@ -43,7 +49,18 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
         for name in graph.tokenizer_files:
             shutil.copy(graph.path / name, tmp / name)
         _write_sidecar(graph, plan, built, tmp)
+        if quality_text is not None:
+            _record_quality(graph, tmp, quality_text)
     return ExportedGraph.load(out)
+
+
+def _record_quality(graph: ExportedGraph, out: Path, text: str | Path) -> None:
+    from edgekit.quality import measure_quality
+
+    report = measure_quality(out, graph.model.source, text)
+    data = json.loads((out / SIDECAR).read_text())
+    data["build"]["quality"] = report.to_dict()
+    (out / SIDECAR).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _check_environment(plan: BuildPlan) -> None:
@@ -71,6 +88,15 @@ def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path) -> dict[str, 
     from edgekit.runtimes import onnxruntime_build
 
     built = onnxruntime_build.build(graph, plan.runtime, plan.onnxruntime, out)
+    if plan.quantization != "none":
+        # After ORT's own optimization: its constant folding turns the tied lm_head's Transpose
+        # into an initializer the quantizer can take, and fusions never see MatMulNBits.
+        from edgekit.quantize import QuantSettings, quantize_model
+
+        settings = QuantSettings(plan.quantization, plan.quant_method, plan.quant_block_size,
+                                 plan.quant_accuracy_level, bool(plan.quant_lm_head), plan.calibration,
+                                 bool(plan.quant_embeddings))
+        built["quantize"] = quantize_model(graph, out / plan.onnxruntime["model_file"], settings)
     return {**built, "model_file": plan.onnxruntime["model_file"]}
 
 
@@ -85,17 +111,9 @@ def _write_sidecar(graph: ExportedGraph, plan: BuildPlan, built: dict[str, Any],
         "build": {
             **plan_data,
             **built,
-            "source_export": {"path": str(graph.path.resolve()), "model_sha256": _sha256(graph.model_path)},
+            "source_export": {"path": str(graph.path.resolve()), "model_sha256": sha256_file(graph.model_path)},
             "edgekit_version": export_data["versions"].get("edgekit"),
         },
         "export": export_data,
     }
     (out / SIDECAR).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

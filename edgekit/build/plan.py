@@ -12,11 +12,15 @@ from typing import Any
 
 from edgekit.errors import ConfigError, EdgekitError, did_you_mean
 from edgekit.profiles import Profile
+from edgekit.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, METHOD_CHOICES, QUANT_CHOICES, QuantSettings
 from edgekit.types import ExportedGraph
 
 RUNTIME_CHOICES = ("ort", "ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16", "fp8", "int8")
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+# Quantized weight bytes per fp32 byte: int8 plus a scale per row; int4 in blocks of 32 with an
+# fp32 scale and a 4-bit zero point each (5.125 bits), a little over for tensors left in fp32.
+QUANT_SHARE = {"none": 1.0, "int8": 0.27, "int4": 0.18}
 # Share of the profile's memory a build may plan to use: the OS, the runtime's own buffers
 # and activations need the rest (Jetson shares its memory with the CPU).
 MEMORY_SHARE = {"cpu": 0.8, "gpu": 0.9, "jetson": 0.75}
@@ -44,28 +48,91 @@ class BuildPlan:
     memory: dict[str, Any]
     onnxruntime: dict[str, Any] | None
     tensorrt: dict[str, Any] | None
+    # Weight-only quantization (ort-cpu): method, block size and MatMulNBits accuracy level for int4.
+    quant_method: str | None = None
+    quant_block_size: int | None = None
+    quant_accuracy_level: int | None = None
+    quant_lm_head: bool | None = None
+    calibration: str | None = None
+    quant_embeddings: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def make_plan(graph: ExportedGraph, profile: Profile, runtime: str | None = None,
-              precision: str | None = None) -> BuildPlan:
+              precision: str | None = None, quant: QuantOptions | None = None) -> BuildPlan:
     """Resolve defaults from the profile and check the combination; raises BuildRefused."""
     runtime = _runtime(profile, runtime)
+    quantize = _quantization(graph, profile, runtime, precision, quant or QuantOptions())
     precision = _precision(profile, precision)
     _check_ops(graph, profile, runtime)
     _check_precision_fits_graph(graph, runtime, precision)
-    memory = memory_estimate(graph, profile, precision)
+    memory = memory_estimate(graph, profile, precision, quantize.quantization)
     from edgekit.runtimes import onnxruntime_build, tensorrt
 
     return BuildPlan(
         export=str(graph.path), export_target=graph.target, export_dtype=graph.dtype,
         profile=profile.name, device=profile.device, runtime=runtime, precision=precision,
-        quantization="none", requirements=_requirements(profile, runtime), memory=memory,
+        quantization=quantize.quantization, requirements=_requirements(profile, runtime), memory=memory,
         onnxruntime=onnxruntime_build.plan_settings(graph, profile, runtime, precision) if runtime != "tensorrt" else None,
         tensorrt=tensorrt.plan_settings(graph, profile, precision) if runtime in ("tensorrt", "ort-tensorrt") else None,
+        quant_method=quantize.method, quant_block_size=quantize.block_size,
+        quant_accuracy_level=quantize.accuracy_level,
+        quant_lm_head=quantize.lm_head if quantize.quantization != "none" else None, calibration=quantize.calibration,
+        quant_embeddings=quantize.embeddings if quantize.quantization == "int4" else None,
     )
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """What the user asked for (``None`` = the profile's default)."""
+
+    quantization: str | None = None  # none | int8 | int4
+    method: str | None = None  # rtn | gptq
+    block_size: int | None = None
+    lm_head: bool = True
+    calibration: str | None = None
+    embeddings: bool = True  # int4: the embedding table too; most of a 0.6B model's bytes are its vocabulary
+
+
+def _quantization(graph: ExportedGraph, profile: Profile, runtime: str, precision: str | None,
+                  asked: QuantOptions) -> QuantSettings:
+    """Weight-only quantization: the profile's default on CPU profiles unless --precision is given."""
+    quant = asked.quantization
+    if quant is None:
+        default = profile.defaults["quantization"] if profile.device == "cpu" and precision is None else "none"
+        quant = default if graph.dtype == "fp32" else "none"
+    if quant not in QUANT_CHOICES:
+        raise ConfigError(f"--quant {quant!r} is not one of {', '.join(QUANT_CHOICES)}{did_you_mean(quant, list(QUANT_CHOICES))}",
+                          f"use one of: {', '.join(QUANT_CHOICES)}")
+    if quant == "none":
+        return QuantSettings("none")
+    if runtime != "ort-cpu":
+        raise BuildRefused(f"--quant {quant} is built for ONNX Runtime's CPU EP only so far, not {runtime}",
+                           "use a CPU profile (--runtime ort), or --quant none")
+    if quant not in profile.hardware["precisions"]:
+        raise BuildRefused(f"{quant} is not among {profile.name}'s precisions", f"use one of: {', '.join(profile.hardware['precisions'])}")
+    if graph.dtype != "fp32":
+        raise BuildRefused(f"--quant {quant} quantizes an fp32 export; {graph.path} is {graph.dtype}",
+                           "re-export with --dtype fp32")
+    method = asked.method or "rtn"
+    if method not in METHOD_CHOICES:
+        raise ConfigError(f"--quant-method {method!r} is not one of {', '.join(METHOD_CHOICES)}",
+                          f"use one of: {', '.join(METHOD_CHOICES)}")
+    if quant == "int8":
+        return QuantSettings("int8", lm_head=asked.lm_head)
+    if method == "gptq" and asked.calibration is None:
+        raise BuildRefused("--quant-method gptq needs calibration text", "pass --calibration TEXTFILE, or --quant-method rtn")
+    if method == "gptq" and not asked.lm_head:  # ORT's GPTQ path ignores nodes_to_exclude
+        raise BuildRefused("--no-quant-lm-head is not supported with --quant-method gptq", "use --quant-method rtn")
+    block = asked.block_size or profile.defaults.get("quant_block_size", DEFAULT_BLOCK_SIZE)
+    if block < 16 or block & (block - 1):
+        raise ConfigError(f"--block-size {block} must be a power of two >= 16", "e.g. --block-size 32 (or 128: smaller files)")
+    return QuantSettings("int4", method=method, block_size=block,
+                         accuracy_level=profile.defaults.get("quant_accuracy_level", DEFAULT_ACCURACY_LEVEL),
+                         lm_head=asked.lm_head, calibration=str(asked.calibration) if asked.calibration else None,
+                         embeddings=asked.embeddings)
 
 
 def _runtime(profile: Profile, runtime: str | None) -> str:
@@ -134,11 +201,12 @@ def _check_precision_fits_graph(graph: ExportedGraph, runtime: str, precision: s
         )
 
 
-def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str) -> dict[str, Any]:
+def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str, quantization: str = "none") -> dict[str, Any]:
     """Weights + KV cache at the profile's max context and batch, against its memory; refuses over budget."""
     files = [graph.model_path, graph.model_path.with_name(graph.model_path.name + ".data")]
     stored = sum(f.stat().st_size for f in files if f.exists())
     weights = int(stored * BYTES[precision] / BYTES[graph.dtype]) if precision in ("fp16", "bf16") else stored
+    weights = int(weights * QUANT_SHARE[quantization])
     kv_dtype = "fp32" if precision == "fp32" else "fp16"
     context, batch = profile.shapes["context"].max, profile.shapes["batch"].max
     per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in graph.layers if layer.has_kv) * BYTES[kv_dtype]

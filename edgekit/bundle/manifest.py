@@ -15,11 +15,11 @@ needs only a CPU). Plain data: nothing here imports torch, transformers or onnx.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
 
+from edgekit._files import sha256_file  # noqa: F401  (used below, re-exported)
 from edgekit.errors import EdgekitError
 from edgekit.types import ExportedGraph, read_sidecar
 
@@ -38,15 +38,6 @@ REPACKAGE = "package it again with `edgekit package`"
 
 class BundleError(EdgekitError):
     """A bundle cannot be written, read, trusted or run here."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def unsafe_path(name: str) -> str | None:

@@ -19,6 +19,7 @@ from edgekit.cli import export as export_cmd
 from edgekit.cli import package as package_cmd
 from edgekit.cli import profiles as profiles_cmd
 from edgekit.cli import run as run_cmd
+from edgekit.cli import serve as serve_cmd
 from edgekit.cli import validate as validate_cmd
 from edgekit.cli._output import print_error
 from edgekit.errors import EdgekitError
@@ -55,6 +56,7 @@ app.command("package")(package_cmd.package)
 app.command("inspect")(package_cmd.inspect)
 app.command("verify")(package_cmd.verify)
 app.command("keygen")(package_cmd.keygen)
+app.command("serve")(serve_cmd.serve)
 app.add_typer(profiles_cmd.app, name="profiles")
 
 

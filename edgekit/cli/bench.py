@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from edgekit.cli._output import console, print_json
+from edgekit.cli._output import console, print_json, quiet_libraries
 from edgekit.errors import ConfigError
 
 
@@ -30,6 +30,7 @@ def bench(
     from edgekit.bench import render_table, run_bench, write_plot
     from edgekit.bench.report import check_plotting
 
+    quiet_libraries()  # transformers' loading bars would tear through the progress bar
     lengths = _ints(prompt_lengths, "--prompt-lengths")
     specs = [s.strip() for s in compare.split(",") if s.strip()]
     if plot is not None:

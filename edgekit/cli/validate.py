@@ -1,4 +1,4 @@
-"""``edgekit validate PATH --reference MODEL``."""
+"""``edgekit validate PATH --reference MODEL [--quality TEXTFILE]``."""
 
 from __future__ import annotations
 
@@ -15,10 +15,15 @@ def validate(
     prompt_length: int = typer.Option(16, "--prompt-length", help="Prompt tokens."),
     steps: int = typer.Option(32, "--steps", help="Greedy tokens to compare (the first comes from the prompt)."),
     tolerance: float = typer.Option(None, "--tolerance", help="Max abs logit difference (default by dtype: fp32 1e-3)."),
+    quality: Path = typer.Option(None, "--quality", help="Measure perplexity, top-1 agreement and KL on this text instead of logit parity (for quantized builds)."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="With --quality: tokens of the text to score."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Compare the export's logits and greedy tokens with PyTorch; exit 1 when over tolerance."""
     quiet_libraries()
+    if quality is not None:
+        _quality(path, reference, quality, max_tokens, json_out)
+        return
     from edgekit.validate import validate as run_validate
 
     with console.status("Validating against PyTorch..."):
@@ -30,6 +35,25 @@ def validate(
         console.print(
             f"{verdict}  max |Δlogit| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.0e}), "
             f"min cosine {report.min_cosine_similarity:.6f}, greedy {report.greedy_match}/{report.greedy_total}"
+        )
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _quality(path: Path, reference: str, text: Path, max_tokens: int, json_out: bool) -> None:
+    from edgekit.quality import MAX_PERPLEXITY_INCREASE, MIN_TOP1_AGREEMENT, measure_quality
+
+    with console.status(f"Measuring quality on {text}..."):
+        report = measure_quality(path, reference, text, max_tokens=max_tokens)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
+        console.print(
+            f"{verdict}  perplexity {report.perplexity:.3f} vs reference {report.reference_perplexity:.3f} "
+            f"({report.perplexity_increase:+.1%}, limit +{MAX_PERPLEXITY_INCREASE:.0%}), "
+            f"top-1 agreement {report.top1_agreement:.1%} (min {MIN_TOP1_AGREEMENT:.0%}), "
+            f"KL {report.kl_divergence:.4f} over {report.tokens} tokens"
         )
     if not report.passed:
         raise typer.Exit(1)

@@ -2,6 +2,7 @@
 
 A preset is materialized once into the cache (``$EDGEKIT_CACHE`` or ``~/.cache/edgekit``)
 as an ordinary Hugging Face folder, so export and validate read the very same weights.
+Trained presets (TRAINED) ship as such a folder inside the package and are used in place.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ PRESETS: dict[str, tuple[str, int]] = {
     "tiny-qwen3.5": ("Qwen3_5ForCausalLM", 0),
     "tiny-qwen3-next": ("Qwen3NextForCausalLM", 0),
     "tiny-gemma3": ("Gemma3ForCausalLM", 0),
+    "tiny-code": ("Qwen3ForCausalLM", 0),
+}
+# Presets with trained weights shipped as package data (scripts/train_tiny_code.py), with a
+# held-out text (heldout.txt) for quality measurement: random weights make perplexity meaningless.
+TRAINED: dict[str, Path] = {
+    "tiny-code": Path(__file__).parent / "tiny-code",
 }
 
 
@@ -36,12 +43,16 @@ def preset_config(name: str) -> dict:
     """The Hugging Face config dict of a preset."""
     from edgekit.export.archs import families
 
+    if name in TRAINED:
+        return json.loads((TRAINED[name] / "config.json").read_text())
     architecture, _ = PRESETS[name]
     return families()[architecture].tiny_config()
 
 
 def materialize(name: str) -> Path:
     """Write the preset's Hugging Face folder (config, seeded weights, tokenizer) if missing."""
+    if name in TRAINED:
+        return TRAINED[name]
     import torch
     import transformers
 

@@ -13,7 +13,7 @@ from edgekit.profiles import (
 SECTIONS = {"name", "description", "device", "hardware", "defaults", "tensorrt", "onnxruntime", "shapes"}
 FIELDS = {
     "hardware": {"compute_capability", "cpu_flags", "memory_gb", "memory_bandwidth_gbs", "precisions", "dla_cores"},
-    "defaults": {"precision", "quantization", "runtimes"},
+    "defaults": {"precision", "quantization", "runtimes", "quant_block_size", "quant_accuracy_level"},
     "tensorrt": {"workspace_mb", "builder_optimization_level", "hardware_compatibility", "version_compatible",
                  "min_version", "dla_core"},
     "onnxruntime": {"execution_provider", "intra_op_threads", "provider_options"},
@@ -95,6 +95,10 @@ def parse(data: dict, path: Path) -> Profile:
     c.choice(defaults, "defaults", "precision", hardware["precisions"])
     c.choice(defaults, "defaults", "quantization", QUANTIZATIONS)
     c.choices(defaults, "defaults", "runtimes", RUNTIMES)
+    block = c.number(defaults, "defaults", "quant_block_size", int, 16, 256, required=False)
+    if block is not None and block & (block - 1):
+        c.fail("[defaults].quant_block_size", "a power of two in [16, 256]", block)
+    c.number(defaults, "defaults", "quant_accuracy_level", int, 0, 4, required=False)
     tensorrt = c.table(data, "tensorrt", required=device != "cpu")
     if tensorrt is not None:
         _tensorrt(c, tensorrt, hardware)

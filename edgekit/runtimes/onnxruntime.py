@@ -4,6 +4,8 @@ For the ``ort`` target the cache is one preallocated (1, KV, max_len, D) buffer 
 layer, bound as both past and present through IO binding: GroupQueryAttention
 writes the new rows in place, so a decode step copies no cache. The ``portable``
 target's graph concatenates; its presents are fed back as OrtValues (no NumPy copy).
+Fixed-size states of linear-attention layers (conv, fp32 recurrent) ping-pong between two
+preallocated buffers per state: no allocation and no copy per step either.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def test_a_known_delay_per_step_is_reported_as_such(exported):
     path = exported(ARCH)
     sleepers: list[Sleepy] = []
     slow = EdgekitContender(path, name="edgekit+20ms", wrap=lambda s: sleepers.append(Sleepy(s)) or sleepers[-1])
-    rows = by_name(run_bench(path, prompt_lengths=(8,), new_tokens=12, runs=3, warmup=1, compare=[slow]))
+    # 5 runs of 16 tokens: medians that a busy machine's preemptions do not move by 30%
+    rows = by_name(run_bench(path, prompt_lengths=(8,), new_tokens=16, runs=5, warmup=1, compare=[slow]))
     fast, slow = rows["edgekit"], rows["edgekit+20ms"]
     delay = statistics.median(sleepers[0].slept_ms)
     assert delay >= 20
@@ -58,7 +59,7 @@ def test_a_known_delay_per_step_is_reported_as_such(exported):
     assert slow["ratio_vs_first"]["decode"] == pytest.approx(fast_step / (fast_step + delay), rel=0.3)
     assert slow["ratio_vs_first"]["decode"] == pytest.approx(
         slow["decode_tokens_per_s"]["median"] / fast["decode_tokens_per_s"]["median"])
-    assert slow["tokens_match_first"] is True and slow["tokens_generated"] == 12
+    assert slow["tokens_match_first"] is True and slow["tokens_generated"] == 16
 
 
 def test_time_to_first_token_grows_with_the_prompt(exported):

@@ -89,11 +89,7 @@ def _conv_ort(ctx, node):
 def _conv_standard(ctx, node):
     x, weight, past = node.inputs
     ctx.prefix = f"/model/{node.name}/conv"
-    channels = weight.shape[0] if weight.shape is not None else None
-    if not isinstance(channels, int):
-        from edgekit.errors import InternalError
-
-        raise InternalError(f"conv weight {weight.name} has no static channel count")
+    channels = _chunked.static_last(weight, 0)  # Conv's group attribute needs it
     w3 = ctx.op("Unsqueeze", [weight, ctx.const([1])])  # (C, 1, K)
     full = ctx.op("Concat", [past, ctx.op("Transpose", [x], {"perm": [0, 2, 1]})], {"axis": 2})  # (B, C, K-1+S)
     y = ctx.op("Conv", [full, w3], {"group": channels})  # (B, C, S)

@@ -1,0 +1,205 @@
+"""Weight-only quantization of an ONNX model, through ONNX Runtime's own quantizers.
+
+    model.onnx (fp32, optimized) ─int4: MatMulNBitsQuantizer (RTN | GPTQ)→ MatMul → com.microsoft.MatMulNBits
+                                 ─int8: quantize_dynamic (MatMul only)    → MatMul → DynamicQuantizeLinear + MatMulInteger
+
+Only MatMuls whose weight is an initializer are quantized; embeddings (Gather) stay fp32 unless
+``embeddings`` (int4 RTN: com.microsoft.GatherBlockQuantized, blocks along the hidden axis).
+``lm_head`` is the last MatMul of the graph (the one producing ``logits``); with tied
+embeddings it is the constant-folded transpose of the embedding table.
+GPTQ runs the model on calibration windows (text tokenized with the export's tokenizer),
+each with an empty cache, to collect every MatMul's inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+from edgekit.types import ExportedGraph, state_io
+
+
+QUANT_CHOICES = ("none", "int8", "int4")
+METHOD_CHOICES = ("rtn", "gptq")
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute (AVX2 / AVX-512 VNNI / ARM dot product)
+CALIBRATION_WINDOW = 128
+CALIBRATION_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """What ``quantize_model`` does, as data (recorded in the build plan)."""
+
+    quantization: str  # none | int8 | int4
+    method: str | None = None  # int4: rtn | gptq
+    block_size: int | None = None  # int4: weights per scale
+    accuracy_level: int | None = None  # int4: MatMulNBits compute type (0 = as the inputs, 4 = int8)
+    lm_head: bool = True
+    calibration: str | None = None
+    embeddings: bool = False  # int4 rtn: the embedding Gather too (GatherBlockQuantized)
+
+
+def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings) -> dict[str, Any]:
+    """Quantize ``model`` in place (external data beside it); returns figures for the sidecar."""
+    import onnx
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # its INFO lines go to stdout
+    before = model_bytes(model)
+    proto = onnx.load(str(model))
+    lm_head = _lm_head(proto)
+    exclude = [] if settings.lm_head or lm_head is None else [lm_head]
+    # ORT's GPTQ prints a progress bar on stdout, which `--json` keeps for the result alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        if settings.quantization == "int4":
+            with np.errstate(divide="ignore", invalid="ignore"):  # ORT's Gather quantizer divides by all-zero rows' scale 0
+                proto = _int4(graph, proto, settings, exclude)
+        else:
+            proto = _int8(model, exclude)
+    for stale in (model, model.with_name(model.name + ".data")):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(proto, str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=model.name + ".data", size_threshold=1024)
+    return {"fp32_model_bytes": before, "model_bytes": model_bytes(model),
+            "quantized_matmuls": sum(n.op_type in ("MatMulNBits", "MatMulInteger") for n in proto.graph.node),
+            "quantized_gathers": sum(n.op_type == "GatherBlockQuantized" for n in proto.graph.node),
+            "lm_head_node": lm_head}
+
+
+def model_bytes(model: Path) -> int:
+    """Bytes of a model file plus its external data."""
+    return sum(p.stat().st_size for p in (model, model.with_name(model.name + ".data")) if p.exists())
+
+
+def _lm_head(proto) -> str | None:
+    """The MatMul whose output reaches ``logits`` (through at most a cast or reshape)."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    node = producer.get("logits")
+    for _ in range(4):
+        if node is None or node.op_type == "MatMul":
+            break
+        node = producer.get(node.input[0])
+    return node.name if node is not None and node.op_type == "MatMul" else None
+
+
+def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[str]):
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    _name_unnamed(proto)
+    block = settings.block_size or DEFAULT_BLOCK_SIZE
+    if settings.method == "gptq":
+        reader = CalibrationReader(graph, _calibration_ids(graph, settings.calibration))
+        algo = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128)
+    else:
+        # ORT's default weight-only quantizer: blockwise asymmetric round-to-nearest, in C++.
+        algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False,
+                                                  accuracy_level=settings.accuracy_level)
+    proto = _nbits(nbits, proto, settings, exclude, algo)
+    if settings.embeddings:  # a second, RTN pass: ORT quantizes Gather in its default quantizer only
+        others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name != _embedding(graph, proto)]
+        algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, op_types_to_quantize=("Gather",),
+                                                  quant_axes=(("Gather", 1),))
+        proto = _nbits(nbits, proto, settings, others, algo)
+    return proto
+
+
+def _nbits(nbits, proto, settings: QuantSettings, exclude: list[str], algo):
+    quantizer = nbits.MatMulNBitsQuantizer(proto, block_size=settings.block_size or DEFAULT_BLOCK_SIZE,
+                                           is_symmetric=False, accuracy_level=settings.accuracy_level,
+                                           nodes_to_exclude=exclude, algo_config=algo)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _embedding(graph: ExportedGraph, proto) -> str | None:
+    """The Gather reading the (vocab, hidden) embedding table; other constant Gathers stay as they are."""
+    shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    want = [graph.model.vocab_size, graph.model.hidden_size]
+    return next((n.name for n in proto.graph.node if n.op_type == "Gather" and shapes.get(n.input[0]) == want), None)
+
+
+def _int8(model: Path, exclude: list[str]):
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    advice = _DropMessage("pre-processing before quantization")  # image-model advice, logged on the root logger
+    root.addFilter(advice)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "model.onnx"
+            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                             nodes_to_exclude=exclude, use_external_data_format=True,
+                             extra_options={"MatMulConstBOnly": True})
+            return onnx.load(str(out))
+    finally:
+        root.removeFilter(advice)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _name_unnamed(proto) -> None:
+    """The quantizers key their per-node settings by name; give nameless nodes one."""
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            node.name = f"/edgekit/{node.op_type}_{i}"
+
+
+def _calibration_ids(graph: ExportedGraph, text_file: str | None) -> list[list[int]]:
+    from edgekit.tokenizer import load_tokenizer
+
+    if text_file is None or not Path(text_file).is_file():
+        raise EdgekitError(f"GPTQ needs calibration text; --calibration {text_file} is not a file",
+                           "pass --calibration TEXTFILE (text like the model's use), or --quant-method rtn")
+    tokenizer = load_tokenizer(graph, required=True)
+    ids = tokenizer.encode(Path(text_file).read_text(encoding="utf-8", errors="replace"))
+    windows = [ids[i:i + CALIBRATION_WINDOW] for i in range(0, len(ids), CALIBRATION_WINDOW)]
+    windows = [w for w in windows if len(w) == CALIBRATION_WINDOW][:CALIBRATION_SAMPLES]
+    if not windows:
+        raise EdgekitError(f"--calibration {text_file} has under {CALIBRATION_WINDOW} tokens",
+                           "pass a longer calibration text (a few KB)")
+    return windows
+
+
+class CalibrationReader:
+    """ONNX Runtime's CalibrationDataReader: one feed per window, each with an empty cache."""
+
+    def __init__(self, graph: ExportedGraph, windows: list[list[int]]):
+        self.feeds = [self._feed(graph, w) for w in windows]
+        self._index = 0  # an int, not an iterator: ORT deep-copies the reader
+
+    @staticmethod
+    def _feed(graph: ExportedGraph, window: list[int]) -> dict[str, np.ndarray]:
+        feed = {"input_ids": np.asarray([window], dtype=np.int64),  # (1, S)
+                "attention_mask": np.ones((1, len(window)), dtype=np.int64)}
+        for io in state_io(graph.layers):
+            layer = io.layer
+            shape = (1, layer.num_kv_heads, 0, layer.head_dim) if layer.has_kv else (1, *layer.states[io.part])
+            feed[io.past] = np.zeros(shape, dtype=np.float32)
+        return feed
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        self._index += 1
+        return self.feeds[self._index - 1] if self._index <= len(self.feeds) else None
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def rewind(self) -> None:
+        self._index = 0
