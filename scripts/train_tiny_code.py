@@ -7,7 +7,7 @@ HELDOUT, tokenized with the preset tokenizer. Windows are drawn with a fixed see
 (torch.set_num_threads(1)), so a rerun on the same torch gives the same weights. The held-out
 files are written to ``heldout.txt`` for quality measurement (edgekit validate --quality), and
 8 KB of training files to ``calibration.txt`` for GPTQ (edgekit build --calibration).
-Takes about two minutes on two CPU cores.
+300 steps of 16 x 128 tokens: about 2 CPU-minutes (3 minutes wall on a shared machine); final loss 4.88.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ process, so neither its time nor its memory counts as the peer's load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -64,12 +65,24 @@ def reset_peak() -> bool:
     return True
 
 
-def gpu_process_mb() -> float | None:
-    """GPU memory this process holds, over all NVIDIA GPUs (NVML); None without NVML or a GPU."""
+@functools.lru_cache(maxsize=1)
+def _nvml():
+    """pynvml, initialized once (samplers ask every few ms), or None without NVML or a driver."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
+        return pynvml
+    except Exception:
+        return None
+
+
+def gpu_process_mb() -> float | None:
+    """GPU memory this process holds, over all NVIDIA GPUs (NVML); None without NVML or a GPU."""
+    pynvml = _nvml()
+    if pynvml is None:
+        return None
+    try:
         used = 0
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -77,7 +90,7 @@ def gpu_process_mb() -> float | None:
                 if proc.pid == os.getpid() and proc.usedGpuMemory:
                     used += proc.usedGpuMemory
         return used / 2**20
-    except Exception:  # not installed, no driver, no GPU: all mean "unknown"
+    except Exception:  # a GPU gone, a driver error: "unknown"
         return None
 
 

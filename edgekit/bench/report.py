@@ -1,4 +1,4 @@
-"""A bench's result: the JSON document (schema in DESIGN.md), the Rich table and the PNG plot."""
+"""A bench's result: the JSON document (schema in docs/bench.md), the Rich table and the PNG plot."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ def bench(
     compare: str = typer.Option("", "--compare", help="Contenders besides edgekit: torch, optimum, genai[:int4]; NAME=PYTHON runs one under that interpreter."),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads for every contender (default: each runtime's own)."),
     json_file: str = typer.Option(None, "--json", help="Write the JSON report to FILE, or '-' for stdout."),
-    plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib: pip install 'edgekit-llm[plot]')."),
+    plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib: the plot extra)."),
     measure_bandwidth: bool = typer.Option(False, "--measure-bandwidth", help="Measure memory bandwidth (numpy copy) instead of taking the profile's."),
 ) -> None:
     """Time edgekit and its peers on one model: load, first token, prefill, decode, memory, roofline."""

@@ -72,3 +72,13 @@ def test_tracker_adds_the_loaded_footprint_to_the_worst_run():
 def test_bandwidth_is_a_positive_rate():
     gbs = metrics.measure_bandwidth_gbs(threads=2, mb_per_thread=16, repeats=2)
     assert math.isfinite(gbs) and gbs > 0
+
+
+def test_device_memory_is_sampled_when_tracked(monkeypatch):
+    # No GPU here: a stand-in NVML reading that rises by 300 MB while the block runs.
+    readings = iter([1000.0] + [1300.0] * 10_000)
+    monkeypatch.setattr(peer_worker, "gpu_process_mb", lambda: next(readings))
+    tracker = MemoryTracker(device=True)
+    with tracker.loading():
+        time.sleep(0.05)
+    assert tracker.summary()["peak_device_mb"] == pytest.approx(300.0)

@@ -137,8 +137,9 @@ def test_ort_cpu_build_validates(exported, hf_folder, tmp_path, architecture):
 
     profile = _here()
     out = tmp_path / "build"
-    graph = build_engine(exported(architecture, "ort"), profile, out)
+    graph = build_engine(exported(architecture, "ort"), profile, out, precision="fp32")  # unquantized: exact parity
     assert graph.build["runtime"] == "ort-cpu" and graph.build["profile"] == profile
+    assert graph.build["quantization"] == "none"
     assert graph.build["source_export"]["model_sha256"]
     report = validate(out, str(hf_folder(architecture)), prompt_length=24, steps=16)
     assert report.passed and report.greedy_match == 16

@@ -26,7 +26,8 @@ def builds(exported, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle-builds")
     return SimpleNamespace(
         export=export, here_profile=here, other_profile=other,
-        here=build_engine(export, here, root / here).path, other=build_engine(export, other, root / other).path,
+        here=build_engine(export, here, root / here, precision="fp32").path,  # unquantized
+        other=build_engine(export, other, root / other, precision="fp32").path,
     )
 
 
