@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
-DEFAULT_PRESET = "tiny-qwen3"
+DEFAULT_PRESET = "tiny-code"  # trained on Python source: the demo prints code-like text
 
 # preset name -> (Hugging Face architecture, seed)
 PRESETS: dict[str, tuple[str, int]] = {
