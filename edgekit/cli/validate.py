@@ -28,14 +28,17 @@ def validate(
 
     with console.status("Validating against PyTorch..."):
         report = run_validate(path, reference, prompt_length=prompt_length, steps=steps, tolerance=tolerance)
+    _finish(report, json_out,
+            f"max |Δlogit| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.0e}), "
+            f"min cosine {report.min_cosine_similarity:.6f}, greedy {report.greedy_match}/{report.greedy_total}")
+
+
+def _finish(report, json_out: bool, summary: str) -> None:
+    """Print the report (JSON, or a PASS/FAIL line) and exit 1 when it failed."""
     if json_out:
         print_json(report.to_dict())
     else:
-        verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
-        console.print(
-            f"{verdict}  max |Δlogit| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.0e}), "
-            f"min cosine {report.min_cosine_similarity:.6f}, greedy {report.greedy_match}/{report.greedy_total}"
-        )
+        console.print(f"{'[green]PASS[/]' if report.passed else '[red]FAIL[/]'}  {summary}")
     if not report.passed:
         raise typer.Exit(1)
 
@@ -45,15 +48,8 @@ def _quality(path: Path, reference: str, text: Path, max_tokens: int, json_out: 
 
     with console.status(f"Measuring quality on {text}..."):
         report = measure_quality(path, reference, text, max_tokens=max_tokens)
-    if json_out:
-        print_json(report.to_dict())
-    else:
-        verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
-        console.print(
-            f"{verdict}  perplexity {report.perplexity:.3f} vs reference {report.reference_perplexity:.3f} "
+    _finish(report, json_out,
+            f"perplexity {report.perplexity:.3f} vs reference {report.reference_perplexity:.3f} "
             f"({report.perplexity_increase:+.1%}, limit +{MAX_PERPLEXITY_INCREASE:.0%}), "
             f"top-1 agreement {report.top1_agreement:.1%} (min {MIN_TOP1_AGREEMENT:.0%}), "
-            f"KL {report.kl_divergence:.4f} over {report.tokens} tokens"
-        )
-    if not report.passed:
-        raise typer.Exit(1)
+            f"KL {report.kl_divergence:.4f} over {report.tokens} tokens")
