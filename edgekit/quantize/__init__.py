@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, require
 from edgekit.types import ExportedGraph, state_io
 
 
@@ -49,7 +49,7 @@ class QuantSettings:
 
 def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings) -> dict[str, Any]:
     """Quantize ``model`` in place (external data beside it); returns figures for the sidecar."""
-    import onnx
+    onnx = require("onnx", "export")  # the quantizers edit ONNX protos
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # its INFO lines go to stdout
     before = model_bytes(model)
@@ -128,7 +128,7 @@ def _embedding(graph: ExportedGraph, proto) -> str | None:
 def _int8(model: Path, exclude: list[str]):
     import tempfile
 
-    import onnx
+    onnx = require("onnx", "export")  # the quantizers edit ONNX protos
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
