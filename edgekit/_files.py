@@ -47,6 +47,16 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+def model_files(model: Path) -> list[Path]:
+    """An ONNX model file and its external data file (``<name>.data``), those that exist."""
+    return [p for p in (model, model.with_name(model.name + ".data")) if p.exists()]
+
+
+def model_bytes(model: Path) -> int:
+    """Bytes of a model file plus its external data."""
+    return sum(p.stat().st_size for p in model_files(model))
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from edgekit._files import model_bytes
 from edgekit.bench.metrics import MemoryTracker, StepClock
 from edgekit.bench.peer_worker import KINDS, Worker
 from edgekit.errors import ConfigError, EdgekitError, did_you_mean
@@ -125,18 +126,12 @@ class EdgekitContender(SessionContender):
         graph = session.graph
         detail = (f"edgekit {graph.target} {graph.dtype}, onnxruntime {session.ort.__version__} "
                   f"{session.providers[0].removesuffix('ExecutionProvider')}")
-        return (self.wrap(session) if self.wrap else session), model_bytes(graph), detail
+        return (self.wrap(session) if self.wrap else session), model_bytes(graph.model_path), detail
 
 
 def _uses_gpu(graph: ExportedGraph) -> bool:
     providers = ((graph.build or {}).get("onnxruntime") or {}).get("providers") or ["CPUExecutionProvider"]
     return providers[0] != "CPUExecutionProvider"
-
-
-def model_bytes(graph: ExportedGraph) -> int:
-    """Bytes of the model files (graph + external weights): the weights a decode step reads."""
-    data = graph.model_path.with_name(graph.model_path.name + ".data")
-    return sum(p.stat().st_size for p in (graph.model_path, data) if p.is_file())
 
 
 class TorchContender(SessionContender):

@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edgekit._files import model_bytes
 from edgekit.errors import ConfigError, EdgekitError, did_you_mean
 from edgekit.profiles import Profile
 from edgekit.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, METHOD_CHOICES, QUANT_CHOICES, QuantSettings
@@ -203,8 +204,7 @@ def _check_precision_fits_graph(graph: ExportedGraph, runtime: str, precision: s
 
 def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str, quantization: str = "none") -> dict[str, Any]:
     """Weights + KV cache at the profile's max context and batch, against its memory; refuses over budget."""
-    files = [graph.model_path, graph.model_path.with_name(graph.model_path.name + ".data")]
-    stored = sum(f.stat().st_size for f in files if f.exists())
+    stored = model_bytes(graph.model_path)
     weights = int(stored * BYTES[precision] / BYTES[graph.dtype]) if precision in ("fp16", "bf16") else stored
     weights = int(weights * QUANT_SHARE[quantization])
     kv_dtype = "fp32" if precision == "fp32" else "fp16"

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit._files import model_bytes, model_files
 from edgekit.errors import EdgekitError, require
 from edgekit.types import ExportedGraph, state_io
 
@@ -63,19 +64,14 @@ def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings) -
                 proto = _int4(graph, proto, settings, exclude)
         else:
             proto = _int8(model, exclude)
-    for stale in (model, model.with_name(model.name + ".data")):
-        stale.unlink(missing_ok=True)
+    for stale in model_files(model):
+        stale.unlink()
     onnx.save_model(proto, str(model), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=model.name + ".data", size_threshold=1024)
     return {"fp32_model_bytes": before, "model_bytes": model_bytes(model),
             "quantized_matmuls": sum(n.op_type in ("MatMulNBits", "MatMulInteger") for n in proto.graph.node),
             "quantized_gathers": sum(n.op_type == "GatherBlockQuantized" for n in proto.graph.node),
             "lm_head_node": lm_head}
-
-
-def model_bytes(model: Path) -> int:
-    """Bytes of a model file plus its external data."""
-    return sum(p.stat().st_size for p in (model, model.with_name(model.name + ".data")) if p.exists())
 
 
 def _lm_head(proto) -> str | None:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgekit._files import model_files
 from edgekit.errors import RuntimeUnavailableError, require
 from edgekit.profiles import Profile
 from edgekit.types import ExportedGraph
@@ -80,16 +81,15 @@ def _optimize(ort, graph: ExportedGraph, out: Path) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(out / "model.onnx")
-    if graph.model_path.with_name(graph.model_path.name + ".data").exists():
+    if len(model_files(graph.model_path)) > 1:  # the export keeps its weights in external data
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(graph.model_path), options, providers=["CPUExecutionProvider"])
 
 
 def _copy_model(graph: ExportedGraph, out: Path) -> None:
-    for source in (graph.model_path, graph.model_path.with_name(graph.model_path.name + ".data")):
-        if source.exists():
-            shutil.copy(source, out / source.name)
+    for source in model_files(graph.model_path):
+        shutil.copy(source, out / source.name)
 
 
 def check_provider(ort, model: Path, settings: dict[str, Any], options=None):
