@@ -47,6 +47,33 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def resumable_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Like ``atomic_dir``, but the work folder is ``.<name>.partial`` beside ``out`` and survives
+    an interruption (Ctrl-C, a kill), so the next run with the same ``out`` resumes in it.
+
+    Errors still remove it: an export refused for bad input leaves nothing behind.
+    """
+    out = Path(out)
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.with_name(f".{out.name}.partial")
+    work.mkdir(exist_ok=True)
+    try:
+        yield work
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def model_files(model: Path) -> list[Path]:
     """An ONNX model file and its external data file (``<name>.data``), those that exist."""
     return [p for p in (model, model.with_name(model.name + ".data")) if p.exists()]

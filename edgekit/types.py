@@ -113,6 +113,8 @@ class ExportedGraph:
     ops: tuple[str, ...] = ()  # every op type in the graph, "domain.Op" outside the default domain
     model_file: str = "model.onnx"
     tokenizer_files: tuple[str, ...] = ()
+    quantization: dict[str, Any] | None = None  # weights quantized at export (edgekit export --quant)
+    weights: dict[str, Any] | None = None  # how the export wrote them: tensors, bytes, resumed_after
     kind: str = field(default="export")
     build: dict[str, Any] | None = None  # set when ``path`` is a build folder (edgekit build)
 
@@ -175,6 +177,8 @@ class ExportedGraph:
             ops=tuple(data["ops"]),
             model_file=data["model_file"],
             tokenizer_files=tuple(data["tokenizer_files"]),
+            quantization=data.get("quantization"),
+            weights=data.get("weights"),
             build=build,
         )
 

@@ -18,12 +18,28 @@ def export(
     )),
     dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    quant: str = typer.Option("none", help=(
+        "none | int8 | int4: quantize each weight as it is written (MatMulNBits; int4 also the embedding), "
+        "so a model bigger than memory comes out small. Same arithmetic as `edgekit build --quant` (RTN)."
+    )),
+    block_size: int = typer.Option(None, help="int4/int8: weights per scale (power of two >= 16; default 32)."),
+    in_memory: bool = typer.Option(False, "--in-memory", help=(
+        "Load the whole model instead of streaming weights from its safetensors (used anyway without them)."
+    )),
 ) -> None:
-    """Trace MODEL into ONNX with attention as custom ops, lowered for --target."""
+    """Trace MODEL into ONNX with attention as custom ops, lowered for --target.
+
+    The model is traced without its weights; they stream from the checkpoint into
+    OUT/model.onnx.data one tensor at a time, so memory stays near the largest tensor.
+    An interrupted export resumes where it stopped when rerun with the same arguments.
+    """
     quiet_libraries()
     from edgekit.export import export_model
 
-    with console.status(f"Exporting {model} ({target}, {dtype})..."):
-        graph = export_model(model, out, target=target, dtype=dtype, force=force)
+    console.print(f"Exporting {model} ({target}, {dtype}{'' if quant == 'none' else ', ' + quant})...")
+    graph = export_model(model, out, target=target, dtype=dtype, force=force, quant=quant, block_size=block_size,
+                         in_memory=in_memory, progress=True)
     ops = ", ".join(graph.custom_ops) or "standard ONNX ops only"
-    console.print(f"[green]exported[/] {model} → {out}  ({graph.model.num_layers} layers, target {target}, {ops})")
+    resumed = graph.weights.get("resumed_after", 0) if graph.weights else 0
+    note = f", resumed after {resumed} tensors" if resumed else ""
+    console.print(f"[green]exported[/] {model} → {out}  ({graph.model.num_layers} layers, target {target}, {ops}{note})")

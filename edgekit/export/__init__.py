@@ -11,8 +11,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from edgekit._files import atomic_dir, check_output
+from edgekit._files import check_output, resumable_dir
 from edgekit.types import DTYPES, TARGETS, ExportedGraph, TensorSpec, check_choice
+
+QUANT_CHOICES = ("none", "int8", "int4")
 
 log = logging.getLogger(__name__)
 
@@ -23,46 +25,54 @@ TOKENIZER_FILES = (
 # Example (batch, new tokens, cached tokens) traced with; dims stay symbolic, so any value works,
 # but 0 and 1 would be specialized by torch.export.
 TRACE_EXAMPLE = (2, 3, 5)
-# External data above this size: protobuf cannot hold more than 2 GB in one file.
-EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def export_model(
-    model: str, out: str | Path, target: str = "ort", dtype: str = "fp32", force: bool = False
+    model: str, out: str | Path, target: str = "ort", dtype: str = "fp32", force: bool = False,
+    quant: str = "none", block_size: int | None = None, in_memory: bool = False, progress: bool = False,
 ) -> ExportedGraph:
     """Export ``model`` (folder, preset or hub id) to ``out`` for ``target`` (one of ``TARGETS``).
 
-    Writes to a temporary folder and renames it on success: a failed export leaves nothing at ``out``.
+    The model is traced with its parameters on the meta device; weights then stream from the
+    checkpoint's safetensors into the external data one tensor at a time (``quant`` int4/int8
+    quantizes each on the way), so memory is bounded by the largest tensor, not the model.
+    ``in_memory`` (or a checkpoint without safetensors) loads the model instead; the rest of the
+    path is the same. Work happens in ``.<out>.partial`` beside ``out``, renamed when complete;
+    an interrupted export resumes there after its last complete tensor.
     """
     from edgekit.errors import require
 
     check_choice("target", target, TARGETS)
     check_choice("dtype", dtype, DTYPES)
+    check_choice("quant", quant, QUANT_CHOICES)
     out = Path(out)
     check_output(out, force)
+    if quant != "none" and block_size is not None:
+        from edgekit.quantize.stream import check_block_size
+
+        check_block_size(block_size)
     require("torch", "export")
     from edgekit.export import resolve
     from edgekit.export.archs import arch_for
+    from edgekit.export.lower import TARGET_OPSETS
 
     folder = resolve.resolve_model(model)
     config = resolve.load_config(folder)
     arch = arch_for(config, folder / "config.json")
     generation = resolve.load_generation_config(folder)
-    hf_model = resolve.load_model(folder, config, dtype, arch.auto_class)
-    with atomic_dir(out, force) as tmp:
-        onnx_model = _trace(hf_model, arch)
-        from edgekit.export.lower import TARGET_OPSETS, lower
-
-        custom_ops = lower(onnx_model, target)
-        _save(onnx_model, tmp / "model.onnx")
-        tokenizer_files = _copy_tokenizer(folder, tmp)
+    hf_model, source = _weights(folder, config, dtype, arch, in_memory)
+    settings = {"target": target, "dtype": dtype, "quant": quant, "block_size": block_size}
+    with resumable_dir(out, force) as work:
+        onnx_model, figures = _build_graph(hf_model, arch, source, target, quant, block_size)
+        written = _save(onnx_model, work / "model.onnx", [source.describe(), settings], progress)
+        tokenizer_files = _copy_tokenizer(folder, work)
         graph = ExportedGraph(
-            path=tmp,
+            path=work,
             model=arch.spec(model, generation),
             target=target,
             dtype=dtype,
             opset=TARGET_OPSETS[target],
-            custom_ops=tuple(custom_ops),
+            custom_ops=tuple(_custom_ops(onnx_model.graph)),
             inputs=_specs(onnx_model.graph.inputs),
             outputs=_specs(onnx_model.graph.outputs),
             layers=arch.layers(),
@@ -70,9 +80,44 @@ def export_model(
             versions=_versions(),
             ops=_op_types(onnx_model.graph),
             tokenizer_files=tokenizer_files,
+            quantization=figures,
+            weights=written,
         )
         graph.save()
     return ExportedGraph.load(out)
+
+
+def _weights(folder: Path, config, dtype: str, arch, in_memory: bool):
+    """(model for tracing, weight source): meta parameters + the checkpoint, or the loaded model."""
+    from edgekit.export import checkpoint, resolve
+
+    if in_memory or not checkpoint.Checkpoint.available(folder):
+        hf_model = resolve.load_model(folder, config, dtype, arch.auto_class)
+        return hf_model, checkpoint.StateDict(hf_model)
+    with checkpoint.params_on_meta():
+        hf_model = resolve.build_model(config, dtype, arch.auto_class)
+    return hf_model, checkpoint.Checkpoint(folder, hf_model)
+
+
+def _build_graph(hf_model, arch, source, target: str, quant: str, block_size: int | None):
+    """Trace, attach lazy weights, fold, optimize, lower, fold again, quantize: no weight is read."""
+    import onnxscript
+
+    from edgekit.export import checkpoint, lazy
+    from edgekit.export.lower import lower
+
+    onnx_model, wrapper = _trace(hf_model, arch)
+    checkpoint.attach(onnx_model, wrapper, hf_model, source)
+    lazy.fold(onnx_model)
+    onnxscript.optimizer.optimize_ir(onnx_model, should_fold=lazy.is_lazy_input)
+    lower(onnx_model, target)
+    lazy.fold(onnx_model)
+    figures = None
+    if quant != "none":
+        from edgekit.quantize.stream import quantize_graph
+
+        figures = quantize_graph(onnx_model, quant, block_size)
+    return onnx_model, figures
 
 
 def io_names(layers) -> tuple[list[str], list[str]]:
@@ -84,7 +129,10 @@ def io_names(layers) -> tuple[list[str], list[str]]:
 
 
 def _trace(hf_model, arch):
-    """torch.onnx (dynamo) export of the wrapper; custom ops become ai.edgekit nodes."""
+    """torch.onnx (dynamo) export of the wrapper; custom ops become ai.edgekit nodes. -> (model, wrapper)
+
+    Not optimized here: its weights may be meta tensors, which constant folding cannot read.
+    """
     import torch
 
     from edgekit.export.ops import TRANSLATIONS
@@ -115,11 +163,11 @@ def _trace(hf_model, arch):
         program = torch.onnx.export(
             wrapper, (ids, mask, *states), dynamo=True, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic, custom_translation_table=TRANSLATIONS, opset_version=23,
-            optimize=True, verify=False, report=False, verbose=False,
+            optimize=False, verify=False, report=False, verbose=False,
         )
     model = program.model
     _name_present_dims(model)
-    return model
+    return model, wrapper
 
 
 def _name_present_dims(model) -> None:
@@ -133,12 +181,15 @@ def _name_present_dims(model) -> None:
             value.shape = ir.Shape(dims)
 
 
-def _save(model, path: Path) -> None:
+def _save(model, path: Path, identity, progress: bool) -> dict:
+    """Weights to ``<path>.data`` (streamed, resumable), then the graph to ``path``; returns figures."""
     import onnx_ir as ir
 
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    external = path.name + ".data" if size > EXTERNAL_DATA_BYTES else None
-    ir.save(model, path, external_data=external)
+    from edgekit.export.writer import write_weights
+
+    written = write_weights(model, path.parent, path.name + ".data", identity, progress)
+    ir.save(model, path)
+    return written
 
 
 def _copy_tokenizer(folder: Path, out: Path) -> tuple[str, ...]:
@@ -160,6 +211,10 @@ def _specs(values) -> tuple[TensorSpec, ...]:
         return tuple(d if isinstance(d, int) else str(d) for d in (value.shape or ()))
 
     return tuple(TensorSpec(v.name, dtype(v), shape(v)) for v in values)
+
+
+def _custom_ops(graph) -> list[str]:
+    return sorted({f"{n.domain}.{n.op_type}" for n in graph if n.domain not in ("", "ai.onnx")})
 
 
 def _op_types(graph) -> tuple[str, ...]:

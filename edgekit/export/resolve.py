@@ -90,3 +90,16 @@ def load_model(folder: Path, config: Any, dtype: str = "fp32", auto_class: str =
             "check that the folder holds complete *.safetensors (or pytorch_model.bin) weights",
         ) from None
     return model.eval()
+
+
+def build_model(config: Any, dtype: str = "fp32", auto_class: str = "AutoModelForCausalLM") -> Any:
+    """The Hugging Face model built from ``config`` alone (no weights read), in eval mode.
+
+    Inside ``checkpoint.params_on_meta`` its parameters take no memory.
+    """
+    import torch
+    import transformers
+
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    model = getattr(transformers, auto_class).from_config(config, dtype=torch_dtype, attn_implementation="eager")
+    return model.eval()

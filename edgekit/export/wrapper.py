@@ -52,6 +52,7 @@ class DecoderForExport(nn.Module):
         self.decoder = arch.decoder(model)
         self.lm_head = model.lm_head
         self.eps = float(arch.config.rms_norm_eps)
+        self.derived: dict[int, tuple[nn.Parameter, object]] = {}  # id(new param) -> (old param, fn)
         arch.prepare(self)
         dtype = model.lm_head.weight.dtype
         for name, rotary in arch.rotary_modules(self.decoder).items():
@@ -73,6 +74,17 @@ class DecoderForExport(nn.Module):
         hidden = self.arch.final_norm(self, hidden, residual)
         logits = self.arch.logits(self, hidden)  # (B, S, vocab) float32
         return (logits, *new_states)
+
+    def derive(self, module: nn.Module, name: str, fn) -> None:
+        """Replace ``module.name`` by ``fn(it)``, recording how, for weights read later from the checkpoint.
+
+        ``fn`` must be elementwise (it is also applied to row slices); it runs here on meta or
+        real tensors alike, and again on each tensor read when the weights are streamed.
+        """
+        old = getattr(module, name)
+        new = nn.Parameter(fn(old.detach()), requires_grad=False)
+        setattr(module, name, new)
+        self.derived[id(new)] = (old, fn)
 
     # -- blocks shared by the families ---------------------------------------------------------
 

@@ -60,8 +60,7 @@ class Gemma2(DecoderArch):
         # Gemma's RMSNorm computes norm(x) * (1 + w) in fp32; edgekit's op computes norm(x) * w'.
         for module in wrapper.decoder.modules():
             if type(module).__name__ == self.norm_class:
-                module.weight = torch.nn.Parameter(module.weight.detach().float().add(1.0).to(module.weight.dtype),
-                                                   requires_grad=False)
+                wrapper.derive(module, "weight", _one_plus)
 
     def layer(self, wrapper, index, layer, hidden, residual, states, mask):
         """Sandwich block; returns (MLP branch, stream before it, states): the true stream is their sum."""
@@ -87,3 +86,7 @@ class Gemma2(DecoderArch):
         logits = wrapper.lm_head(hidden).float()  # (B, S, vocab)
         cap = getattr(self.config, "final_logit_softcapping", None)
         return logits if not cap else cap * torch.tanh(logits / cap)
+
+
+def _one_plus(w):
+    return w.float().add(1.0).to(w.dtype)

@@ -60,7 +60,7 @@ class Qwen3_5(DecoderArch):
         # The gated norm inside Gated DeltaNet is a plain w and is left alone.
         for module in wrapper.decoder.modules():
             if type(module).__name__ == self.norm_class:
-                module.weight = torch.nn.Parameter(module.weight.detach() + 1.0, requires_grad=False)
+                wrapper.derive(module, "weight", _one_plus)
 
     def mixer(self, wrapper, index, layer, x, states, mask):
         if self.layer_kind(index) == "linear_attention":
@@ -90,3 +90,7 @@ class Qwen3_5Multimodal(Qwen3_5):
 
     def decoder(self, model):
         return model.model.language_model
+
+
+def _one_plus(w):
+    return w + 1.0

@@ -1,0 +1,196 @@
+"""Weight-only quantization at export time, one tensor at a time (``edgekit export --quant``).
+
+The graph's weights are still recipes (``edgekit.export.lazy``) when this runs, so each
+quantized tensor is computed only when the writer reaches it:
+
+    MatMul(x, W)       ─int4/int8→ com.microsoft.MatMulNBits(x, W_q, scales, zero_points)
+    Gather(E, ids)     ─int4─────→ com.microsoft.GatherBlockQuantized(E_q, ids, scales, zero_points)
+
+The arithmetic is ONNX Runtime's own (``quantize_matmul_4bits`` / ``_8bits``, the kernels
+behind its MatMulNBitsQuantizer, asymmetric round-to-nearest per block; its numpy Gather
+quantizer), so the result matches ``edgekit build --quant int4`` with RTN. A transposed
+weight (every Linear) is quantized by slices of its rows, so even a 1.3 G-parameter LM head
+never exists in fp32 at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgekit.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
+
+CHUNK_BYTES = 64 << 20  # fp32 bytes of weight quantized per slice
+
+
+def quantize_graph(model: Any, quant: str, block_size: int | None = None,
+                   accuracy_level: int = DEFAULT_ACCURACY_LEVEL, embeddings: bool = True) -> dict[str, Any]:
+    """Rewrite ``model``'s MatMuls (and, for int4, the embedding Gather) over lazy weights; returns figures."""
+    from edgekit.errors import require
+    from edgekit.export.lazy import recipe_of
+
+    require("onnxruntime", "cpu")  # its quantization kernels
+    bits = 4 if quant == "int4" else 8
+    block = block_size or DEFAULT_BLOCK_SIZE
+    check_block_size(block)
+    graph = model.graph
+    matmuls = gathers = 0
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        weight = node.inputs[1] if node.op_type == "MatMul" else node.inputs[0] if node.op_type == "Gather" else None
+        if weight is None or recipe_of(weight) is None or len(weight.shape) != 2:
+            continue
+        if node.op_type == "MatMul":
+            _replace(graph, node, "MatMulNBits", [node.inputs[0], *_matmul_weights(graph, weight, bits, block)],
+                     {"K": weight.shape[0], "N": weight.shape[1], "bits": bits, "block_size": block,
+                      "accuracy_level": accuracy_level})
+            matmuls += 1
+        elif embeddings and bits == 4 and node.attributes.get_int("axis", 0) == 0:
+            _replace(graph, node, "GatherBlockQuantized", _gather_inputs(graph, weight, node.inputs[1], block),
+                     {"gather_axis": 0, "quantize_axis": 1, "block_size": block})
+            gathers += 1
+    graph.opset_imports.setdefault("com.microsoft", 1)
+    from edgekit.export.lazy import _drop_unused
+
+    _drop_unused(graph)
+    return {"quantization": quant, "method": "rtn", "block_size": block, "accuracy_level": accuracy_level,
+            "symmetric": False, "quantized_matmuls": matmuls, "quantized_gathers": gathers, "at": "export"}
+
+
+def check_block_size(block: int) -> None:
+    """Refuse a block size MatMulNBits / GatherBlockQuantized cannot take."""
+    from edgekit.errors import EdgekitError
+
+    if block < 16 or block & (block - 1):
+        raise EdgekitError(f"--block-size {block} is not a power of two >= 16", "use 32, 64 or 128")
+
+
+def _replace(graph: Any, node: Any, op: str, inputs: list[Any], attrs: dict[str, Any]) -> None:
+    import onnx_ir as ir
+
+    new = ir.node(op, inputs, attrs, domain="com.microsoft", name=f"{node.name or op}_Q")
+    # Keeps the output's name, shape and type, graph outputs (logits) included.
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+
+
+class _Job:
+    """One weight's quantization, computed when the first of its tensors is written, then released."""
+
+    def __init__(self, compute):
+        self.compute, self.parts, self.left = compute, None, 0
+
+    def part(self, index: int, count: int) -> np.ndarray:
+        if self.parts is None:
+            self.parts, self.left = self.compute(), count
+        part = self.parts[index]
+        self.left -= 1
+        if self.left == 0:
+            self.parts = None  # all written: free the arrays (a re-read recomputes)
+        return part
+
+
+def _lazy_values(graph: Any, job: _Job, name: str, specs: list[tuple[str, Any, tuple[int, ...]]]) -> list[Any]:
+    """Initializers for the job's outputs, registered together so the writer takes them in a row."""
+    import onnx_ir as ir
+
+    values = []
+    for index, (suffix, dtype, shape) in enumerate(specs):
+        def func(index=index, dtype=dtype, shape=shape, suffix=suffix):
+            array = job.part(index, len(specs))
+            if dtype in (ir.DataType.UINT4, ir.DataType.INT4):
+                return ir.PackedTensor(array, dtype, shape=shape, name=name + suffix)
+            return ir.Tensor(array, dtype=dtype, name=name + suffix)
+
+        tensor = ir.LazyTensor(func, dtype=dtype, shape=ir.Shape(shape), name=name + suffix)
+        value = ir.Value(name=name + suffix, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
+        graph.register_initializer(value)
+        values.append(value)
+    return values
+
+
+def _matmul_weights(graph: Any, weight: Any, bits: int, block: int) -> list[Any]:
+    import onnx_ir as ir
+
+    k, n = weight.shape
+    blocks = -(-k // block)
+    blob = block * bits // 8
+    zp_cols = -(-blocks * bits // 8)
+    scale_dtype = weight.const_value.dtype
+    job = _Job(lambda: _quantize_matmul(weight.const_value, bits, block))
+    return _lazy_values(graph, job, weight.name, [
+        (f".q{bits}", ir.DataType.UINT8, (n, blocks, blob)),
+        (".scales", scale_dtype, (n, blocks)),
+        (".zero_points", ir.DataType.UINT8, (n, zp_cols)),
+    ])
+
+
+def _quantize_matmul(tensor: Any, bits: int, block: int) -> tuple[np.ndarray, ...]:
+    """ORT's blockwise RTN over column slices of the (K, N) weight -> (packed, scales, zero points)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    k, n = tensor.shape
+    blocks = -(-k // block)
+    packed = np.zeros((n, blocks, block * bits // 8), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zero_points = np.zeros((n, -(-blocks * bits // 8)), dtype=np.uint8)
+    step = max(1, CHUNK_BYTES // (4 * k))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        columns = _columns(tensor, start, stop).astype(np.float32)  # (K, cols)
+        if blocks * block != k:
+            columns = np.pad(columns, ((0, blocks * block - k), (0, 0)))
+        columns = np.ascontiguousarray(columns)
+        # Slices of the first axis are contiguous views: the kernel fills the outputs in place.
+        quantize(packed[start:stop], columns, scales[start:stop], zero_points[start:stop], block, stop - start,
+                 blocks * block, False)
+    return packed, scales.astype(tensor.dtype.numpy(), copy=False), zero_points
+
+
+def _columns(tensor: Any, start: int, stop: int) -> np.ndarray:
+    """Columns [start, stop) of a lazy (K, N) weight: by source rows when it is a transposed parameter."""
+    recipe = tensor.recipe
+    if recipe.by_source_rows() == "columns":
+        return recipe.compute((start, stop))
+    if not hasattr(tensor, "_full"):
+        tensor._full = recipe.compute()  # any other recipe: whole, once per weight
+    part = tensor._full[:, start:stop]
+    if stop == tensor.shape[1]:
+        del tensor._full
+    return part
+
+
+def _gather_inputs(graph: Any, weight: Any, indices: Any, block: int) -> list[Any]:
+    import onnx_ir as ir
+
+    rows, cols = weight.shape
+    blocks = -(-cols // block)
+    job = _Job(lambda: _quantize_rows(weight.const_value, block))
+    data, scales, zero_points = _lazy_values(graph, job, weight.name, [
+        (".q4", ir.DataType.UINT4, (rows, cols)),
+        (".scales", weight.const_value.dtype, (rows, blocks)),
+        (".zero_points", ir.DataType.UINT4, (rows, blocks)),
+    ])
+    return [data, indices, scales, zero_points]
+
+
+def _quantize_rows(tensor: Any, block: int) -> tuple[np.ndarray, ...]:
+    """ORT's numpy int4 quantizer (blocks along the hidden axis) over row slices of the table."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    recipe = tensor.recipe
+    rows, cols = tensor.shape
+    step = max(2, CHUNK_BYTES // (4 * cols)) // 2 * 2  # even: two int4 per byte never straddle slices
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block_rows = recipe.compute((start, stop)) if recipe.by_source_rows() == "rows" else recipe.compute()[start:stop]
+        with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks: scale 0, handled by ORT's code
+            data, scales, zero_points = DefaultWeightOnlyQuantizer.quantize_ndarray(
+                block_rows.astype(np.float32), 1, block, False)
+        for part, array in zip(parts, (data, scales, zero_points)):
+            part.append(array)
+    scales = np.concatenate(parts[1]).astype(tensor.dtype.numpy(), copy=False)
+    return np.concatenate(parts[0]), scales, np.concatenate(parts[2])

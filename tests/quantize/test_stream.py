@@ -1,0 +1,74 @@
+"""Quantizing at export (``edgekit export --quant``): the same int4 weights as ``edgekit build --quant
+int4`` (ORT's RTN), the same bytes whatever the slice size, and quality measured on the trained preset."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+
+from edgekit.build import QuantOptions, build_engine
+from edgekit.export import export_model
+from edgekit.presets import TRAINED
+from edgekit.quality import measure_quality
+
+PRESET = "tiny-code"
+HELDOUT = TRAINED[PRESET] / "heldout.txt"
+
+
+def _nbits_weights(model_path) -> set[tuple[str, ...]]:
+    """Per MatMulNBits: digests of its packed weight, scales and zero points (names differ between paths)."""
+    proto = onnx.load(str(model_path))
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+    def digest(name):
+        return hashlib.sha256(np.ascontiguousarray(arrays[name]).tobytes()).hexdigest()
+
+    return {tuple(digest(n) for n in node.input[1:4]) for node in proto.graph.node if node.op_type == "MatMulNBits"}
+
+
+@pytest.fixture(scope="module")
+def int4_export(tmp_path_factory):
+    return export_model(PRESET, tmp_path_factory.mktemp("q") / "int4", quant="int4")
+
+
+def test_export_int4_equals_build_int4(int4_export, tmp_path):
+    fp32 = export_model(PRESET, tmp_path / "fp32")
+    build_engine(fp32.path, "cpu-x86-64", tmp_path / "build", quant=QuantOptions(quantization="int4", method="rtn"))
+    built = _nbits_weights(tmp_path / "build" / "model.onnx")
+    streamed = _nbits_weights(int4_export.model_path)
+    assert len(streamed) == int4_export.quantization["quantized_matmuls"] > 10
+    assert streamed == built
+
+
+def test_slices_do_not_change_the_bytes(int4_export, tmp_path, monkeypatch):
+    """Weights are quantized by slices of columns (rows of the checkpoint tensor): any slice size, same bytes."""
+    import edgekit.quantize.stream as stream
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 4 * 64 * 7)  # 7 columns of a 64-row weight per slice
+    sliced = export_model(PRESET, tmp_path / "sliced", quant="int4")
+    assert (sliced.path / "model.onnx.data").read_bytes() == (int4_export.path / "model.onnx.data").read_bytes()
+
+
+def test_export_int4_quality(int4_export):
+    assert int4_export.quantization["quantized_gathers"] == 1  # the embedding too
+    report = measure_quality(int4_export.path, PRESET, HELDOUT)
+    assert report.perplexity <= report.reference_perplexity * 1.06, report
+    assert report.top1_agreement >= 0.88 and report.passed, report
+
+
+def test_export_int8_quality(tmp_path):
+    graph = export_model(PRESET, tmp_path / "int8", quant="int8", block_size=64)
+    assert "com.microsoft.MatMulNBits" in graph.ops and graph.quantization["block_size"] == 64
+    report = measure_quality(graph.path, PRESET, HELDOUT)
+    assert report.passed and report.top1_agreement >= 0.95, report
+
+
+def test_bad_block_size_is_refused_before_any_work(tmp_path):
+    from edgekit.errors import EdgekitError
+
+    with pytest.raises(EdgekitError, match="--block-size 48"):
+        export_model(PRESET, tmp_path / "bad", quant="int4", block_size=48)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.partial").exists()
