@@ -19,8 +19,9 @@ from edgekit.types import ExportedGraph
 
 # Families whose weights go through something besides a plain copy: (1 + w) norms folded (Qwen3.5,
 # Gemma 3), per-expert checkpoint tensors merged by transformers' converters (Qwen3-Next), tied
-# embeddings (Llama's tiny config).
-FAMILIES = ["Qwen3_5ForCausalLM", "Qwen3NextForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM"]
+# embeddings (Llama's tiny config), the text model inside an image-text checkpoint (Qwen3.6-27B's layout).
+FAMILIES = ["Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration", "Qwen3NextForCausalLM", "Gemma3ForCausalLM",
+            "LlamaForCausalLM"]
 
 
 def _initializers(folder: Path) -> dict[str, np.ndarray]:

@@ -8,7 +8,6 @@ RMSNorm is (1 + w), folded into the weights before tracing.
 
 from __future__ import annotations
 
-import torch
 
 from edgekit.export.archs import register
 from edgekit.export.archs.base import DecoderArch, tiny_common
