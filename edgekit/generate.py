@@ -121,8 +121,14 @@ def generate(
 def _tokens(session: Stepper, prompt_ids, max_new_tokens, sampling, rng) -> Iterator[int]:
     if max_new_tokens <= 0:
         return
-    token = sample(session.forward(prompt_ids)[-1], sampling, rng)
+    token = sample(_last_logits(session, prompt_ids), sampling, rng)
     yield token
     for _ in range(max_new_tokens - 1):
-        token = sample(session.forward([token])[-1], sampling, rng)
+        token = sample(_last_logits(session, [token]), sampling, rng)
         yield token
+
+
+def _last_logits(session: Stepper, token_ids: list[int]) -> np.ndarray:
+    """The last position's logits; sessions that can skip the others' (``last_logits``) do."""
+    last = getattr(session, "last_logits", None)
+    return last(token_ids) if last is not None else session.forward(token_ids)[-1]

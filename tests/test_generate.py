@@ -68,3 +68,22 @@ def test_top_p_keeps_the_nucleus():
 def test_bad_sampling_options_are_refused(bad):
     with pytest.raises(EdgekitError):
         bad.check()
+
+
+class LastOnlySession(CountingSession):
+    """A session that can compute the last position alone (as edgekit's builds can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_calls = 0
+
+    def last_logits(self, token_ids):
+        self.last_calls += 1
+        return self.forward(token_ids)[-1]
+
+
+def test_uses_last_logits_when_the_session_has_it():
+    session = LastOnlySession()
+    result = generate(session, [1, 2, 3], 4)
+    assert result.token_ids == [4, 5, 6, 7]
+    assert session.last_calls == 4  # the prefill too: only its last row is ever read

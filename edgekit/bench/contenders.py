@@ -124,8 +124,10 @@ class EdgekitContender(SessionContender):
 
         session = open_session(self.path, threads=self.threads)
         graph = session.graph
-        detail = (f"edgekit {graph.target} {graph.dtype}, onnxruntime {session.ort.__version__} "
-                  f"{session.providers[0].removesuffix('ExecutionProvider')}")
+        quant = (graph.build or {}).get("quantization")
+        weights = quant if quant and quant != "none" else graph.dtype
+        detail = (f"edgekit {graph.target} {weights}{' build' if graph.build else ''}, onnxruntime "
+                  f"{session.ort.__version__} {session.providers[0].removesuffix('ExecutionProvider')}")
         return (self.wrap(session) if self.wrap else session), model_bytes(graph.model_path), detail
 
 
@@ -247,9 +249,15 @@ def _default_work_dir() -> Path:
 
 
 def make_contender(spec: str, graph: ExportedGraph, threads: int | None) -> Contender:
-    """A contender from ``NAME[:VARIANT][=PYTHON]``: torch, optimum, genai, genai:int4=/venv/bin/python."""
+    """A contender from ``NAME[:VARIANT][=PYTHON]``: torch, optimum, genai, genai:int4=/venv/bin/python;
+    or ``edgekit:LABEL=FOLDER``, another export or build of edgekit's (e.g. its int4 build)."""
     label, _, python = spec.partition("=")
     kind, _, variant = label.partition(":")
+    if kind == "edgekit":
+        if not (variant and python):
+            raise ConfigError(f"--compare {spec!r}: another edgekit folder takes a label and a path",
+                              "e.g. --compare edgekit:int4=/path/to/int4-build")
+        return EdgekitContender(python, threads, name=label)
     if kind not in KINDS:
         raise ConfigError(f"--compare {kind!r} is not a contender.{did_you_mean(kind, list(KINDS))}",
                           f"contenders: {', '.join(KINDS)}; e.g. --compare torch,genai:int4=/path/to/python")

@@ -88,6 +88,8 @@ def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path) -> dict[str, 
     from edgekit.runtimes import onnxruntime_build
 
     built = onnxruntime_build.build(graph, plan.runtime, plan.onnxruntime, out)
+    if plan.runtime == "ort-cpu":
+        built["graph_edits"] = _edit_graph(out / plan.onnxruntime["model_file"], untie=plan.quantization == "none")
     if plan.quantization != "none":
         # After ORT's own optimization: its constant folding turns the tied lm_head's Transpose
         # into an initializer the quantizer can take, and fusions never see MatMulNBits.
@@ -98,6 +100,22 @@ def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path) -> dict[str, 
                                  bool(plan.quant_embeddings))
         built["quantize"] = quantize_model(graph, out / plan.onnxruntime["model_file"], settings)
     return {**built, "model_file": plan.onnxruntime["model_file"]}
+
+
+def _edit_graph(model: Path, untie: bool) -> dict[str, Any]:
+    """Last-position logits and one tied LM head: see :mod:`edgekit.build.graph_edits`."""
+    from edgekit._files import model_files
+    from edgekit.build.graph_edits import edit_build
+    from edgekit.errors import require
+
+    onnx = require("onnx", "export")
+    proto = onnx.load(str(model))
+    done = edit_build(proto, untie=untie)
+    for stale in model_files(model):
+        stale.unlink()
+    onnx.save_model(proto, str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=model.name + ".data", size_threshold=1024)
+    return done
 
 
 def _write_sidecar(graph: ExportedGraph, plan: BuildPlan, built: dict[str, Any], out: Path) -> None:

@@ -101,6 +101,12 @@ def _quantization(graph: ExportedGraph, profile: Profile, runtime: str, precisio
                   asked: QuantOptions) -> QuantSettings:
     """Weight-only quantization: the profile's default on CPU profiles unless --precision is given."""
     quant = asked.quantization
+    if graph.quantization:  # quantized by `edgekit export --quant`: its MatMuls are MatMulNBits already
+        if quant not in (None, "none"):
+            raise BuildRefused(f"{graph.path} was quantized to {graph.quantization['quantization']} at export; "
+                               f"--quant {quant} would quantize it twice",
+                               "build it with --quant none, or re-export without --quant")
+        quant = "none"
     if quant is None:
         default = profile.defaults["quantization"] if profile.device == "cpu" and precision is None else "none"
         quant = default if graph.dtype == "fp32" else "none"

@@ -24,6 +24,9 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print token ids, text and timings as JSON."),
     profile: str = typer.Option(None, "--profile", help="With a bundle: this profile's engine, not the best fit."),
     chat: bool = typer.Option(False, "--chat", help="Converse turn by turn on stdin; the cache persists between turns."),
+    mmap: bool = typer.Option(None, "--mmap/--no-mmap", help=(
+        "Keep the weights memory-mapped (no private copy; slower int4). Default: only when they exceed "
+        "80% of available memory.")),
 ) -> None:
     """Generate from PROMPT with the exported model (greedy unless a sampling option is given)."""
     from edgekit.generate import Sampling, generate
@@ -39,7 +42,10 @@ def run(
         path = open_bundle(path, profile=profile)  # the fitting engine, unpacked and checked
     elif profile is not None:
         raise EdgekitError("--profile applies to bundles (FILE.edgepkg)", "pass a .edgepkg file, or drop --profile")
-    session = open_session(path, threads=threads)
+    session = open_session(path, threads=threads, memory_map=mmap)
+    if session.memory_mapped and mmap is None:
+        console.print("[yellow]note:[/] the weights exceed 80% of available memory: they stay memory-mapped "
+                      "(ONNX Runtime prepacking off; int4 decode is much slower this way)")
     if chat:
         return _chat(session, prompt, max_new_tokens, sampling, json_out)
     tokenizer = load_tokenizer(session.graph, required=prompt is not None)

@@ -91,7 +91,10 @@ def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[st
     _name_unnamed(proto)
     block = settings.block_size or DEFAULT_BLOCK_SIZE
     if settings.method == "gptq":
-        reader = CalibrationReader(graph, _calibration_ids(graph, settings.calibration))
+        # A build's graph edits add a logits_to_keep input: 0 keeps every position.
+        extra = {name: np.zeros(1, dtype=np.int64) for name in ("logits_to_keep",)
+                 if any(i.name == name for i in proto.graph.input)}
+        reader = CalibrationReader(graph, _calibration_ids(graph, settings.calibration), extra)
         algo = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128)
     else:
         # ORT's default weight-only quantizer: blockwise asymmetric round-to-nearest, in C++.
@@ -176,8 +179,8 @@ def _calibration_ids(graph: ExportedGraph, text_file: str | None) -> list[list[i
 class CalibrationReader:
     """ONNX Runtime's CalibrationDataReader: one feed per window, each with an empty cache."""
 
-    def __init__(self, graph: ExportedGraph, windows: list[list[int]]):
-        self.feeds = [self._feed(graph, w) for w in windows]
+    def __init__(self, graph: ExportedGraph, windows: list[list[int]], extra: dict[str, np.ndarray] | None = None):
+        self.feeds = [{**self._feed(graph, w), **(extra or {})} for w in windows]
         self._index = 0  # an int, not an iterator: ORT deep-copies the reader
 
     @staticmethod

@@ -19,6 +19,7 @@ from edgekit.errors import ArtifactError, RuntimeUnavailableError, require
 from edgekit.types import ExportedGraph, StateIO, state_io
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+KEEP_INPUT = "logits_to_keep"  # builds: how many last positions get logits, 0 = all
 
 
 def is_available() -> str | None:
@@ -30,12 +31,29 @@ def is_available() -> str | None:
     return None
 
 
-def open_session(path: str | Path, threads: int | None = None) -> "OrtSession":
-    """Open an export or build folder on ONNX Runtime; a build must fit this machine."""
+def open_session(path: str | Path, threads: int | None = None, memory_map: bool | None = None) -> "OrtSession":
+    """Open an export or build folder on ONNX Runtime; a build must fit this machine.
+
+    ``memory_map``: keep the weights memory-mapped (see ``OrtSession``); None decides by ``weights_fit``.
+    """
     graph = ExportedGraph.load(path)
     if graph.build is not None:
         check_build_fits(graph)
-    return OrtSession(graph, threads=threads)
+    return OrtSession(graph, threads=threads, memory_map=memory_map)
+
+
+def weights_fit(model: Path, available: int | None = None) -> bool:
+    """Whether ``model``'s weights fit in 80 % of the memory available now (``MemAvailable``)."""
+    from edgekit._files import model_bytes
+
+    if available is None:
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+            available = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines()
+                             if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return True  # not Linux: ONNX Runtime's defaults
+    return model_bytes(model) <= 0.8 * available
 
 
 def check_build_fits(graph: ExportedGraph) -> None:
@@ -60,7 +78,7 @@ def check_build_fits(graph: ExportedGraph) -> None:
 class OrtSession:
     """One sequence (batch 1) running on an exported graph, with its cache."""
 
-    def __init__(self, graph: ExportedGraph, threads: int | None = None):
+    def __init__(self, graph: ExportedGraph, threads: int | None = None, memory_map: bool | None = None):
         ort = require("onnxruntime", "cpu")
         if graph.dtype not in NUMPY_DTYPES:
             raise RuntimeUnavailableError(
@@ -75,6 +93,17 @@ class OrtSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or settings["intra_op_threads"] or 0
         options.log_severity_level = 3
+        # Idle pool threads sleep instead of spinning: on a few shared cores a spinning thread
+        # takes the core the other one needs (decode 1.4x faster at load 4; benchmarks/NOTES.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        on_cpu = settings["providers"][0] == "CPUExecutionProvider"
+        self.memory_mapped = on_cpu and (not weights_fit(graph.model_path) if memory_map is None else memory_map)
+        if self.memory_mapped:
+            # ORT maps page-aligned external data, then prepacks each MatMul weight into a private
+            # copy: memory the size of the weights. Without prepacking the weights stay file pages
+            # the kernel can evict and re-read, so a model larger than RAM runs (int4 MatMulNBits
+            # then dequantizes per call: many times slower, measured in benchmarks/README.md).
+            options.add_session_config_entry("session.disable_prepacking", "1")
         from edgekit.runtimes.onnxruntime_build import check_provider
 
         try:
@@ -90,6 +119,11 @@ class OrtSession:
         self.dtype = NUMPY_DTYPES[graph.dtype]
         self.shared = bool(graph.kv_cache.get("shared_buffer"))
         self.providers = self.session.get_providers()
+        # Builds may take how many positions the LM head computes (edgekit.build.graph_edits).
+        self._takes_keep = KEEP_INPUT in {i.name for i in self.session.get_inputs()}
+        if self._takes_keep:
+            self.session = DefaultInputs(self.session, {KEEP_INPUT: np.zeros(1, dtype=np.int64)})
+        self._last_only = np.ones(1, dtype=np.int64)
         self.reset()
 
     @property
@@ -142,6 +176,17 @@ class OrtSession:
 
     def forward(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
         """Append ``token_ids`` to the sequence; returns their logits, (S, vocab) float32."""
+        return self._run(token_ids, last_only=False)
+
+    def last_logits(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
+        """Append ``token_ids``; returns the last one's logits, (vocab,) float32.
+
+        On a build with ``logits_to_keep`` the LM head computes that row alone (prefill saves
+        S - 1 rows of a hidden x vocab product).
+        """
+        return self._run(token_ids, last_only=True)[-1]
+
+    def _run(self, token_ids: list[int] | np.ndarray, last_only: bool) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         total = self._length + ids.shape[1]
         if total > self.graph.model.max_position_embeddings:
@@ -154,6 +199,8 @@ class OrtSession:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        if last_only and self._takes_keep:
+            binding.bind_cpu_input(KEEP_INPUT, self._last_only)
         binding.bind_output("logits", "cpu")  # first, so get_outputs()[0] is the logits
         for i, io in enumerate(self._io):
             binding.bind_ortvalue_input(io.past, self._past[i])
@@ -172,3 +219,26 @@ class OrtSession:
                 self._past[i] = outputs[1 + i]
         self._length = total
         return outputs[0].numpy()[0]
+
+
+class DefaultInputs:
+    """An InferenceSession whose IO bindings start with ``defaults`` bound (a later bind replaces them).
+
+    A build's ``logits_to_keep`` is a required input (IO binding cannot bind a defaulted one);
+    code that binds the export's inputs only (validate, serving) thus keeps every position.
+    """
+
+    def __init__(self, session: Any, defaults: dict[str, np.ndarray]):
+        self._session, self._defaults = session, defaults
+
+    def io_binding(self) -> Any:
+        binding = self._session.io_binding()
+        for name, value in self._defaults.items():
+            binding.bind_cpu_input(name, value)
+        return binding
+
+    def run(self, output_names, feed: dict, *args, **kwargs):
+        return self._session.run(output_names, {**self._defaults, **feed}, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)

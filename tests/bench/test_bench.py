@@ -173,6 +173,7 @@ def test_edgepkg_goes_through_open_bundle(exported, monkeypatch, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"compare": ["genia"]}, "Did you mean 'genai'"),
     ({"compare": ["torch:int4"]}, "only genai takes a variant"),
+    ({"compare": ["edgekit:int4"]}, "takes a label and a path"),
     ({"new_tokens": 1}, "nothing to decode"),
     ({"prompt_lengths": "max", "new_tokens": 10}, "positions"),
 ])
@@ -190,3 +191,11 @@ def test_no_torch_import_without_the_torch_contender(exported):
             "assert r.contenders[0]['error'] is None\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_second_edgekit_folder_runs_beside_the_first(exported):
+    path = exported(ARCH)
+    report = run_bench(path, **{**QUICK, "compare": [f"edgekit:again={path}"]})
+    rows = {c["name"]: c for c in report.contenders}
+    assert rows["edgekit:again"]["error"] is None and rows["edgekit:again"]["decode_tokens_per_s"]["median"] > 0
+    assert rows["edgekit:again"]["tokens_match_first"] is True  # the same folder: the same greedy tokens

@@ -143,6 +143,25 @@ def test_ort_cpu_build_validates(exported, hf_folder, tmp_path, architecture):
     assert graph.build["source_export"]["model_sha256"]
     report = validate(out, str(hf_folder(architecture)), prompt_length=24, steps=16)
     assert report.passed and report.greedy_match == 16
+    _check_last_logits(out, graph)
+
+
+def _check_last_logits(out, graph):
+    """The build's LM head on the last position alone gives that position's logits, for every family."""
+    import numpy as np
+
+    from edgekit.runtimes.onnxruntime import open_session
+
+    assert graph.build["graph_edits"]["logits_to_keep"] is True
+    session = open_session(out)
+    ids = list(range(3, 3 + 11))
+    session.reset(16)
+    every = session.forward(ids)  # (S, vocab): validate's view
+    session.reset(16)
+    last = session.last_logits(ids)  # (vocab,)
+    assert every.shape == (11, graph.model.vocab_size) and last.shape == (graph.model.vocab_size,)
+    np.testing.assert_allclose(last, every[-1], atol=1e-4)
+    assert session.last_logits([5]).shape == (graph.model.vocab_size,)  # decode after a last-only prefill
 
 
 def test_build_for_other_hardware_is_refused(exported, tmp_path):

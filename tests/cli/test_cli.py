@@ -98,7 +98,7 @@ def test_existing_output_needs_force(tmp_path):
 def test_failed_export_leaves_nothing(tmp_path, hf_folder, monkeypatch):
     import edgekit.export as export
 
-    def broken_save(model, path):
+    def broken_save(model, path, identity, progress):
         path.write_bytes(b"half a model")
         raise OSError("disk full")
 

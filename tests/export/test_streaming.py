@@ -120,19 +120,22 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def test_streaming_peak_memory_is_below_the_model(tmp_path):
-    """Peak RSS of the export process: streaming stays well under loading, by most of the model's size."""
+    """Peak RSS of the export process: streaming stays well under loading, by most of the model's size.
+
+    The model is large enough (0.54 GB) that run-to-run noise in tracing memory (~0.1 GB) cannot decide it.
+    """
     import torch
     import transformers
 
     from edgekit.export.archs import families
 
-    values = {**families()["Qwen3ForCausalLM"].tiny_config(), "vocab_size": 65536, "hidden_size": 512,
+    values = {**families()["Qwen3ForCausalLM"].tiny_config(), "vocab_size": 131072, "hidden_size": 512,
               "tie_word_embeddings": False}
     config = transformers.AutoConfig.for_model(**values)
     folder = tmp_path / "model"
     transformers.Qwen3ForCausalLM(config).to(torch.float32).save_pretrained(folder)
     model_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    assert model_bytes > 250e6  # two 65536 x 512 fp32 tables and the layers
+    assert model_bytes > 500e6  # two 131072 x 512 fp32 tables and the layers
 
     def peak(in_memory: bool) -> int:
         out = tmp_path / f"out-{in_memory}"

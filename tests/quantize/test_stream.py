@@ -72,3 +72,21 @@ def test_bad_block_size_is_refused_before_any_work(tmp_path):
     with pytest.raises(EdgekitError, match="--block-size 48"):
         export_model(PRESET, tmp_path / "bad", quant="int4", block_size=48)
     assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.partial").exists()
+
+
+def test_build_of_an_export_quantized_model(int4_export, tmp_path):
+    """A CPU build keeps the export's int4 weights (no second quantization) and runs; --quant int4 is refused."""
+    from edgekit.build import BuildRefused, plan_build
+    from edgekit.runtimes.onnxruntime import open_session
+
+    plan = plan_build(int4_export.path, "cpu-x86-64")
+    assert plan.quantization == "none"
+    build_engine(int4_export.path, "cpu-x86-64", tmp_path / "build")
+    session = open_session(tmp_path / "build")
+    session.reset()
+    built = session.forward(np.arange(5, 21))
+    session = open_session(int4_export.path)
+    session.reset()
+    np.testing.assert_allclose(built, session.forward(np.arange(5, 21)), atol=1e-3)
+    with pytest.raises(BuildRefused, match="quantized to int4 at export"):
+        plan_build(int4_export.path, "cpu-x86-64", quant=QuantOptions(quantization="int4"))
