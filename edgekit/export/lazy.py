@@ -10,7 +10,7 @@ largest tensor; quantization reads a transposed weight by source rows, so not ev
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -107,10 +107,8 @@ class Recipe:
     load: Callable[[tuple[int, int] | None], np.ndarray]
     steps: tuple[Step, ...] = ()
     source_rows: int = 0
-    evaluations: list[int] = field(default_factory=lambda: [0])  # shared by derived recipes: a test counter
 
     def compute(self, rows: tuple[int, int] | None = None) -> np.ndarray:
-        self.evaluations[0] += 1
         array = self.load(rows)
         for step in self.steps:
             array = step(array)
@@ -155,14 +153,13 @@ def fold(model: Any) -> int:
             dtype = ir.DataType(dict(step.attrs)["to"]) if step.op == "Cast" else tensor.dtype
             name = f"{tensor.name}.{step.op.lower()}"
             lazy = make(recipe.load, dtype, shape, name, recipe.steps + (step,), recipe.source_rows)
-            lazy.recipe.evaluations = recipe.evaluations
             value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=lazy)
             graph.register_initializer(value)
             made[key] = value
         out.replace_all_uses_with(made[key])
         graph.remove(node, safe=True)
         folded += 1
-    _drop_unused(graph)
+    drop_unused(graph)
     return folded
 
 
@@ -207,7 +204,8 @@ def _attr_value(attr: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def _drop_unused(graph: Any) -> None:
+def drop_unused(graph: Any) -> None:
+    """Remove initializers nothing reads (e.g. a weight whose only use was folded)."""
     outputs = {v.name for v in graph.outputs}
     for name, value in list(graph.initializers.items()):
         if not value.uses() and name not in outputs:

@@ -28,7 +28,7 @@ def quantize_graph(model: Any, quant: str, block_size: int | None = None,
                    accuracy_level: int = DEFAULT_ACCURACY_LEVEL, embeddings: bool = True) -> dict[str, Any]:
     """Rewrite ``model``'s MatMuls (and, for int4, the embedding Gather) over lazy weights; returns figures."""
     from edgekit.errors import require
-    from edgekit.export.lazy import recipe_of
+    from edgekit.export.lazy import drop_unused, recipe_of
 
     require("onnxruntime", "cpu")  # its quantization kernels
     bits = 4 if quant == "int4" else 8
@@ -52,9 +52,7 @@ def quantize_graph(model: Any, quant: str, block_size: int | None = None,
                      {"gather_axis": 0, "quantize_axis": 1, "block_size": block})
             gathers += 1
     graph.opset_imports.setdefault("com.microsoft", 1)
-    from edgekit.export.lazy import _drop_unused
-
-    _drop_unused(graph)
+    drop_unused(graph)
     return {"quantization": quant, "method": "rtn", "block_size": block, "accuracy_level": accuracy_level,
             "symmetric": False, "quantized_matmuls": matmuls, "quantized_gathers": gathers, "at": "export"}
 
