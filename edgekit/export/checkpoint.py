@@ -210,7 +210,7 @@ def attach(model: Any, wrapper: Any, hf_model: Any, source: Any) -> int:
                                "check that the folder's *.safetensors are complete")
         dtype = value.const_value.dtype
         load = _loader(source, names[0], tuple(reversed(fns)), param.dtype)
-        value.const_value = make(load, dtype, tuple(param.shape), name, source_rows=int(param.shape[0]))
+        value.const_value = make(load, dtype, tuple(param.shape), name)
         attached += 1
     return attached
 

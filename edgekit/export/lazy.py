@@ -67,10 +67,10 @@ def _reshape_target(shape: tuple[int, ...], target: np.ndarray) -> tuple[int, ..
 
 def _out_shape(step: Step, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The step's output shape, computed without data (weights may be gigabytes)."""
-    if step.op in ("Transpose", "Reshape", "Squeeze", "Unsqueeze"):
+    if step.op == "Reshape":
+        return _reshape_target(shape, step.consts[1])
+    if step.op in ("Transpose", "Squeeze", "Unsqueeze"):
         proxy = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape=shape, strides=(0,) * len(shape))
-        if step.op == "Reshape":
-            return _reshape_target(shape, step.consts[1])
         return step(proxy).shape
     if step.op in ELEMENTWISE:
         return tuple(np.broadcast_shapes(*[shape if c is None else c.shape for c in step.consts]))
@@ -90,11 +90,11 @@ def _lazy_class() -> type:
 
 
 def make(load: Callable[[tuple[int, int] | None], np.ndarray], dtype: Any, shape: tuple[int, ...], name: str,
-         steps: tuple[Step, ...] = (), source_rows: int | None = None):
+         steps: tuple[Step, ...] = ()):
     """An ``ir.LazyTensor`` whose value is ``load()`` followed by ``steps``, carrying its recipe."""
     ir = _ir()
 
-    recipe = Recipe(load, steps, source_rows if source_rows is not None else (shape[0] if shape else 0))
+    recipe = Recipe(load, steps)
     tensor = _lazy_class()(lambda: ir.Tensor(recipe.compute(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name)
     tensor.recipe = recipe  # type: ignore[attr-defined]
     return tensor
@@ -106,7 +106,6 @@ class Recipe:
 
     load: Callable[[tuple[int, int] | None], np.ndarray]
     steps: tuple[Step, ...] = ()
-    source_rows: int = 0
 
     def compute(self, rows: tuple[int, int] | None = None) -> np.ndarray:
         array = self.load(rows)
@@ -152,7 +151,7 @@ def fold(model: Any) -> int:
             shape = _out_shape(step, tuple(tensor.shape))
             dtype = ir.DataType(dict(step.attrs)["to"]) if step.op == "Cast" else tensor.dtype
             name = f"{tensor.name}.{step.op.lower()}"
-            lazy = make(recipe.load, dtype, shape, name, recipe.steps + (step,), recipe.source_rows)
+            lazy = make(recipe.load, dtype, shape, name, recipe.steps + (step,))
             value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=lazy)
             graph.register_initializer(value)
             made[key] = value

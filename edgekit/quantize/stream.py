@@ -134,10 +134,11 @@ def _quantize_matmul(tensor: Any, bits: int, block: int) -> tuple[np.ndarray, ..
     packed = np.zeros((n, blocks, block * bits // 8), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
     zero_points = np.zeros((n, -(-blocks * bits // 8)), dtype=np.uint8)
+    columns_of = _slicer(tensor.recipe, "columns")
     step = max(1, CHUNK_BYTES // (4 * k))
     for start in range(0, n, step):
         stop = min(n, start + step)
-        columns = _columns(tensor, start, stop).astype(np.float32)  # (K, cols)
+        columns = columns_of(start, stop).astype(np.float32)  # (K, cols)
         if blocks * block != k:
             columns = np.pad(columns, ((0, blocks * block - k), (0, 0)))
         columns = np.ascontiguousarray(columns)
@@ -147,17 +148,18 @@ def _quantize_matmul(tensor: Any, bits: int, block: int) -> tuple[np.ndarray, ..
     return packed, scales.astype(tensor.dtype.numpy(), copy=False), zero_points
 
 
-def _columns(tensor: Any, start: int, stop: int) -> np.ndarray:
-    """Columns [start, stop) of a lazy (K, N) weight: by source rows when it is a transposed parameter."""
-    recipe = tensor.recipe
-    if recipe.by_source_rows() == "columns":
-        return recipe.compute((start, stop))
-    if not hasattr(tensor, "_full"):
-        tensor._full = recipe.compute()  # any other recipe: whole, once per weight
-    part = tensor._full[:, start:stop]
-    if stop == tensor.shape[1]:
-        del tensor._full
-    return part
+def _slicer(recipe: Any, axis: str):
+    """(start, stop) -> that slice of the weight along ``axis`` ("rows" or "columns").
+
+    Read by source rows when the recipe allows it (a transposed parameter for columns, the
+    parameter itself for rows); any other recipe is computed whole, once per weight.
+    """
+    if recipe.by_source_rows() == axis:
+        return lambda start, stop: recipe.compute((start, stop))
+    whole = recipe.compute()
+    if axis == "columns":
+        return lambda start, stop: whole[:, start:stop]
+    return lambda start, stop: whole[start:stop]
 
 
 def _gather_inputs(graph: Any, weight: Any, indices: Any, block: int) -> list[Any]:
@@ -178,13 +180,13 @@ def _quantize_rows(tensor: Any, block: int) -> tuple[np.ndarray, ...]:
     """ORT's numpy int4 quantizer (blocks along the hidden axis) over row slices of the table."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
-    recipe = tensor.recipe
+    rows_of = _slicer(tensor.recipe, "rows")
     rows, cols = tensor.shape
     step = max(2, CHUNK_BYTES // (4 * cols)) // 2 * 2  # even: two int4 per byte never straddle slices
     parts: list[list[np.ndarray]] = [[], [], []]
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        block_rows = recipe.compute((start, stop)) if recipe.by_source_rows() == "rows" else recipe.compute()[start:stop]
+        block_rows = rows_of(start, stop)
         with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks: scale 0, handled by ORT's code
             data, scales, zero_points = DefaultWeightOnlyQuantizer.quantize_ndarray(
                 block_rows.astype(np.float32), 1, block, False)
