@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import ArtifactError, RuntimeUnavailableError, require
+from edgekit.errors import ArtifactError, EdgekitError, RuntimeUnavailableError, require
 from edgekit.types import ExportedGraph, StateIO, state_io
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -92,7 +92,8 @@ class OrtSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or settings["intra_op_threads"] or 0
-        options.log_severity_level = 3
+        # Fatal only: an error ORT logs is also raised, and reaches the user once, as OrtRunError.
+        options.log_severity_level = 4
         # Idle pool threads sleep instead of spinning: on a few shared cores a spinning thread
         # takes the core the other one needs (decode 1.4x faster at load 4; benchmarks/NOTES.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -121,8 +122,8 @@ class OrtSession:
         self.providers = self.session.get_providers()
         # Builds may take how many positions the LM head computes (edgekit.build.graph_edits).
         self._takes_keep = KEEP_INPUT in {i.name for i in self.session.get_inputs()}
-        if self._takes_keep:
-            self.session = DefaultInputs(self.session, {KEEP_INPUT: np.zeros(1, dtype=np.int64)})
+        defaults = {KEEP_INPUT: np.zeros(1, dtype=np.int64)} if self._takes_keep else None
+        self.session = GuardedSession(self.session, graph, defaults)
         self._last_only = np.ones(1, dtype=np.int64)
         self.reset()
 
@@ -221,15 +222,22 @@ class OrtSession:
         return outputs[0].numpy()[0]
 
 
-class DefaultInputs:
-    """An InferenceSession whose IO bindings start with ``defaults`` bound (a later bind replaces them).
+class OrtRunError(EdgekitError):
+    """ONNX Runtime failed inside a forward pass (a kernel rejected the graph or its inputs)."""
 
-    A build's ``logits_to_keep`` is a required input (IO binding cannot bind a defaulted one);
-    code that binds the export's inputs only (validate, serving) thus keeps every position.
+
+class GuardedSession:
+    """An InferenceSession whose runs raise :class:`OrtRunError` instead of ORT's own exceptions,
+    and whose IO bindings start with ``defaults`` bound (a later bind replaces them).
+
+    Every caller (run, validate, bench, serve's engines) steps the model through this one object,
+    so a kernel failure reaches the user as ``error:`` / ``hint:`` wherever it happens. A build's
+    ``logits_to_keep`` is a required input (IO binding cannot bind a defaulted one); code that binds
+    the export's inputs only (validate, serving) thus keeps every position.
     """
 
-    def __init__(self, session: Any, defaults: dict[str, np.ndarray]):
-        self._session, self._defaults = session, defaults
+    def __init__(self, session: Any, graph: ExportedGraph, defaults: dict[str, np.ndarray] | None = None):
+        self._session, self._graph, self._defaults = session, graph, defaults or {}
 
     def io_binding(self) -> Any:
         binding = self._session.io_binding()
@@ -238,7 +246,27 @@ class DefaultInputs:
         return binding
 
     def run(self, output_names, feed: dict, *args, **kwargs):
-        return self._session.run(output_names, {**self._defaults, **feed}, *args, **kwargs)
+        try:
+            return self._session.run(output_names, {**self._defaults, **feed}, *args, **kwargs)
+        except Exception as exc:  # ORT raises RuntimeError, Fail, InvalidArgument, ...
+            raise self._failure(exc) from exc
+
+    def run_with_iobinding(self, binding: Any, *args, **kwargs) -> None:
+        try:
+            self._session.run_with_iobinding(binding, *args, **kwargs)
+        except Exception as exc:
+            raise self._failure(exc) from exc
+
+    def _failure(self, exc: Exception) -> OrtRunError:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        detail = lines[0].removeprefix("Error in execution: ")[:400]
+        graph = self._graph
+        other = "portable" if graph.target == "ort" else "ort"
+        return OrtRunError(
+            f"ONNX Runtime failed running {graph.path}: {detail}",
+            f"re-export with another target: edgekit export {graph.model.source} -o NEW_DIR --target {other}; "
+            f"if that runs, report this failure with {graph.path / 'edgekit.json'}",
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.errors import EdgekitError
 from edgekit.generate import Sampling, sample
 from edgekit.serve.metrics import Metrics
 
@@ -119,6 +120,15 @@ class Job:
             self._prefix, self._read = self._read, len(ids)
 
 
+def _failure(what: str, exc: Exception) -> str:
+    """Log a failed step, with a traceback only for a bug (not an EdgekitError); -> its requests' error text."""
+    if isinstance(exc, EdgekitError):
+        log.error("%s: %s", what, exc)
+        return str(exc)
+    log.exception(what)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _held(text: str, stops: list[str]) -> int:
     """Characters to hold back: an incomplete UTF-8 character, or a tail that may start a stop string."""
     if text.endswith("\ufffd"):
@@ -175,10 +185,10 @@ class Scheduler:
             try:
                 self.step()
             except Exception as exc:  # a failing step fails its rows, never the server
-                log.exception("scheduler step failed")
+                error = _failure("scheduler step failed", exc)
                 for job in list(self.active):
                     job.finish_reason = "error"
-                    job.emit(Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                    job.emit(Event(finish_reason="error", error=error))
                 self.active.clear()
         for job in [*self.active, *self.waiting]:
             job.emit(Event(finish_reason="error", error="the server is shutting down"))
@@ -215,9 +225,9 @@ class Scheduler:
             try:
                 logits = self.engine.prefill(len(self.active), job.prompt_ids)
             except Exception as exc:  # this prompt failed; the others go on
-                log.exception("prefill failed")
+                error = _failure("prefill failed", exc)
                 job.finish_reason = "error"
-                job.emit(Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                job.emit(Event(finish_reason="error", error=error))
                 continue
             self.active.append(job)
             self.peak_active = max(self.peak_active, len(self.active))

@@ -31,11 +31,23 @@ def test_fp16_export_runs_and_stays_close(exported, hf_folder, target):
     assert report.min_cosine_similarity > 0.999
 
 
-def test_validate_fails_against_another_model(exported, hf_folder):
-    """Same vocabulary, different weights: validate must report a failure, not pass by construction."""
+def test_validate_fails_against_another_model(exported, hf_folder, tmp_path):
+    """Same architecture and dimensions, other weights: validate must report a failure, not pass by
+    construction (a reference of another architecture is refused before it runs)."""
+    import shutil
+
+    import torch
+    import transformers
+
     from edgekit.validate import validate
 
-    report = validate(exported("Qwen3ForCausalLM", "ort"), str(hf_folder("Qwen2ForCausalLM")), steps=4)
+    source = hf_folder("Qwen3ForCausalLM")
+    other = tmp_path / "other-weights"
+    shutil.copytree(source, other)
+    torch.manual_seed(4321)
+    config = transformers.AutoConfig.from_pretrained(source)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(other)
+    report = validate(exported("Qwen3ForCausalLM", "ort"), str(other), steps=4)
     assert not report.passed
     assert report.max_abs_diff > 1e-2
 

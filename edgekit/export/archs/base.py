@@ -155,7 +155,8 @@ class DecoderArch:
 
 
 def tiny_common(**overrides: Any) -> dict[str, Any]:
-    """Dimensions shared by the tiny test configs; GQA needs head_dim % 16 == 0 on ORT's CPU EP."""
+    """Dimensions shared by the tiny test configs; head_dim % 16 == 0 keeps the ort target's rotary
+    inside GroupQueryAttention (other head sizes: tests/export/test_gqa_rotary.py)."""
     base = {
         "hidden_size": 64,
         "intermediate_size": 128,

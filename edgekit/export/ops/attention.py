@@ -10,7 +10,9 @@ Outputs: out (B, S, H*D), present_key and present_value (B, KV, T, D).
 Lowerings:
     ort       one com.microsoft GroupQueryAttention node with rotary fused. Given
               past and present bound to one preallocated (B, KV, max_len, D) buffer,
-              GQA writes the new rows in place, so decode copies no cache.
+              GQA writes the new rows in place, so decode copies no cache. Where the
+              kernel refuses the rotary tables (see gqa_rotary_fits), q and k are
+              rotated by plain ops first and GQA runs with do_rotary=0.
     portable  RotaryEmbedding (opset 23), Concat onto the cache, opset-23 Attention
               with a boolean mask; the KV update stays outside the Attention node,
               which keeps one output as TensorRT's parser requires.
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from edgekit.errors import InternalError
+from edgekit.errors import InternalError, UnsupportedArchitectureError
 from edgekit.export.ops._base import FLOAT, OpDef, emit, register_op
 
 
@@ -113,18 +115,60 @@ def _lengths(ctx, mask):
     return ctx.once(("gqa_lengths", mask.name), build)
 
 
+def gqa_rotary_fits(head_dim: int, half: int) -> bool:
+    """Whether GroupQueryAttention can rotate inside the kernel: ONNX Runtime needs head_dim % 16 == 0
+    and a cos/sin width R/2 that is a multiple of 8 and <= head_dim / 2.
+
+    The kernel checks this at the first forward pass, not at load: R/2 = 4 on a 32-wide head (Qwen3.5
+    with partial_rotary_factor 0.25), or any rotary on a 24- or 40-wide head, fails there.
+    tests/export/test_gqa_rotary.py holds this rule against the installed kernel.
+    """
+    return head_dim % 16 == 0 and half % 8 == 0 and half <= head_dim // 2
+
+
+def check_gqa_head(head_dim: int, layer: int) -> None:
+    """Refuse, at export, a head size GroupQueryAttention rejects at run time (not a multiple of 8)."""
+    if head_dim % 8:
+        raise UnsupportedArchitectureError(
+            f"layer {layer}: head_dim {head_dim} is not a multiple of 8, which ONNX Runtime's "
+            "GroupQueryAttention (the ort target's attention) requires",
+            "export with --target portable (standard ONNX attention), which runs on ONNX Runtime too",
+        )
+
+
 def _lower_ort(ctx, node):
+    """GQA with rotary fused when the kernel takes these tables; else rotary first, GQA do_rotary=0.
+
+        fused:    q, k, v, past ──GroupQueryAttention(cos, sin)── out, present (in place)
+        outside:  q ──Reshape──rotate──Reshape──┐
+                  k ──Reshape──rotate──Reshape──GroupQueryAttention(no cos/sin)── out, present
+    """
     q, k, v, past_k, past_v, mask, cos, sin = node.inputs
     a = _attrs(node)
     ctx.prefix = f"/model/layers.{a['layer']}/attn"
+    d, half = _static_dim(past_k, "past_key"), _static_dim(cos, "cos_cache")
+    check_gqa_head(d, a["layer"])
+    fused = gqa_rotary_fits(d, half)
     seqlens, total = _lengths(ctx, mask)
     attrs = {
         "num_heads": a["num_heads"], "kv_num_heads": a["num_kv_heads"], "scale": a["scale"],
         "local_window_size": a["window"] if a["window"] > 0 else -1,
-        "softcap": a["softcap"], "do_rotary": 1, "rotary_interleaved": 0,
+        "softcap": a["softcap"], "do_rotary": int(fused), "rotary_interleaved": 0,
     }
-    inputs = [q, k, v, past_k, past_v, seqlens, total, cos, sin]
+    if fused:
+        inputs = [q, k, v, past_k, past_v, seqlens, total, cos, sin]
+    else:
+        positions = _portable_positions(ctx, mask, q)  # (B, S): what GQA derives from seqlens_k
+        c, s = _rotary_rows(ctx, cos, sin, positions)  # (B, S, 1, R/2)
+        q, k = (_rotate_flat(ctx, x, n, c, s, half, d) for x, n in ((q, a["num_heads"]), (k, a["num_kv_heads"])))
+        inputs = [q, k, v, past_k, past_v, seqlens, total]
     return ctx.multi("GroupQueryAttention", inputs, attrs, 3, domain="com.microsoft")
+
+
+def _rotate_flat(ctx, x, n, cos, sin, half, d):
+    """Rotary on (B, S, N*D) projections, as GQA would have applied it; -> (B, S, N*D)."""
+    x4 = _rotate_halves(ctx, _split_heads(ctx, x, n), cos, sin, half, d)  # (B, S, N, D)
+    return ctx.op("Reshape", [x4, ctx.const([0, 0, -1])])  # (B, S, N, D) -> (B, S, N*D)
 
 
 def _portable_positions(ctx, mask, q):
@@ -225,7 +269,7 @@ def _lower_decomposed(ctx, node):
 def _static_dim(value, name):
     dim = value.shape[-1] if value.shape is not None else None
     if not isinstance(dim, int):
-        raise InternalError(f"the decomposed attention lowering needs a static last dim on {name}, got {dim!r}")
+        raise InternalError(f"the attention lowerings need a static last dim on {name}, got {dim!r}")
     return dim
 
 
