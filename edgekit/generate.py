@@ -45,6 +45,41 @@ class Sampling:
         return self
 
 
+def token_id_problem(token_ids: list[int], vocab_size: int) -> str | None:
+    """What is wrong with ``token_ids`` for a ``vocab_size`` embedding, or None.
+
+    ONNX Runtime's Gather takes negative indices as counted from the end, so -1 would silently
+    read the last row: every id must be in 0..vocab_size - 1.
+    """
+    bad = next((i for i in token_ids if not 0 <= i < vocab_size), None)
+    if bad is None:
+        return None
+    return f"prompt token id {bad} is outside the vocabulary of {vocab_size} tokens (0..{vocab_size - 1})"
+
+
+def context_problem(prompt_tokens: int, max_new_tokens: int, context: int,
+                    option: str = "--max-new-tokens") -> str | None:
+    """Why ``prompt_tokens`` + ``max_new_tokens`` do not fit ``context`` positions, or None.
+
+    ``option`` names the budget as the caller's user sets it (``--max-new-tokens``, ``max_tokens``).
+    """
+    if prompt_tokens + max_new_tokens <= context:
+        return None
+    return f"{prompt_tokens} prompt tokens + {max_new_tokens} {option} exceed the context of {context} tokens"
+
+
+def check_prompt(token_ids: list[int], max_new_tokens: int, vocab_size: int, context: int) -> None:
+    """Refuse, before any work, a prompt with ids outside the vocabulary or one that cannot fit."""
+    problem = token_id_problem(token_ids, vocab_size)
+    if problem is not None:
+        raise EdgekitError(problem, f"pass ids from 0 to {vocab_size - 1}")
+    problem = context_problem(len(token_ids), max_new_tokens, context)
+    if problem is not None:
+        room = context - len(token_ids)
+        hint = f"use --max-new-tokens {room} or less, or a shorter prompt" if room > 0 else "use a shorter prompt"
+        raise EdgekitError(problem, hint)
+
+
 def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """Pick the next token from one row of logits."""
     if sampling.greedy:

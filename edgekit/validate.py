@@ -13,12 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekit.errors import EdgekitError
 from edgekit.types import ExportedGraph
 
 # Max abs logit difference allowed per export dtype, against an fp32 reference.
 TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "bf16": 0.5}
 # Share of greedy tokens that must agree: exact in fp32, near-ties may flip in half precision.
 MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.9, "bf16": 0.8}
+# What must match between an export's recorded model and a reference for parity to mean anything.
+IDENTITY = ("architecture", "vocab_size", "num_layers", "hidden_size")
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,24 @@ def validate(
     tolerance: float | None = None,
     seed: int = 0,
 ) -> ValidationReport:
-    """Compare the export at ``path`` with ``reference`` (folder, preset or hub id) in PyTorch."""
-    from edgekit.errors import EdgekitError
+    """Compare the export at ``path`` with ``reference`` (folder, preset or hub id) in PyTorch.
+
+    Quantized weights are refused unless ``tolerance`` is given: their logits differ by design
+    (``measure_quality`` is the check for them).
+    """
     from edgekit.runtimes.onnxruntime import OrtSession
 
     if prompt_length < 1 or steps < 1:
         raise EdgekitError("--prompt-length and --steps must be >= 1", "e.g. --prompt-length 16 --steps 32")
     graph = ExportedGraph.load(path)
+    quant = quantization_of(graph)
+    if quant is not None and tolerance is None:
+        raise EdgekitError(
+            f"{path} has {quant} weights: they change the logits by design, so comparing logits with "
+            "PyTorch's within a tolerance says nothing about them",
+            f"measure its quality instead: edgekit validate {path} --reference {reference} --quality TEXT "
+            "(perplexity, top-1 agreement and KL on a text file), or pass --tolerance to compare logits anyway")
+    check_reference(graph, reference)
     vocab = graph.model.vocab_size
     prompt = np.random.default_rng(seed).integers(1, vocab, size=prompt_length).tolist()
     ref_logits, ref_tokens = _reference(reference, prompt, steps)
@@ -63,6 +77,38 @@ def validate(
     for token in ref_tokens[:-1]:
         got.append(session.forward([token]))
     return _compare(graph, np.concatenate(got), ref_logits, prompt_length, tolerance)
+
+
+def quantization_of(graph: ExportedGraph) -> str | None:
+    """'int4', 'int8' or 'fp8' when the export or its build quantized the model, else None."""
+    build = graph.build or {}
+    recorded = ((graph.quantization or {}).get("quantization"), build.get("quantization"), build.get("precision"))
+    return next((q for q in recorded if q in ("int4", "int8", "fp8")), None)
+
+
+def check_reference(graph: ExportedGraph, reference: str) -> None:
+    """Refuse a ``reference`` whose config describes another model than the one ``graph`` was exported from.
+
+    The dimensions come from the same code the export used (the family's ``spec``), so nested
+    (image-text) configs read the same way on both sides.
+    """
+    from edgekit.errors import require
+
+    require("transformers", "export")
+    from edgekit.export import resolve
+    from edgekit.export.archs import arch_for
+
+    folder = resolve.resolve_model(reference)
+    config = resolve.load_config(folder)
+    spec = arch_for(config, folder / "config.json").spec(reference, {})
+    mine = graph.model
+    differ = [f"{name} export {getattr(mine, name)}, reference {getattr(spec, name)}" for name in IDENTITY
+              if getattr(mine, name) != getattr(spec, name)]
+    if differ:
+        raise EdgekitError(
+            f"--reference {reference} is not the model {graph.path} was exported from ({mine.source}): "
+            + "; ".join(differ),
+            f"pass the model it was exported from: --reference {mine.source}")
 
 
 def _compare(graph, got, ref, prompt_length, tolerance) -> ValidationReport:

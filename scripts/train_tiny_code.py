@@ -93,6 +93,10 @@ def write(model, info: dict, out: Path) -> None:
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     for item in TOKENIZER_DIR.iterdir():
         shutil.copy(item, out / item.name)
+    # A code model, not a chat model: without a chat template `edgekit run --chat` refuses it clearly.
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     _, held = source_files()
     text = "".join(p.read_text(encoding="utf-8") for p in held)[:HELDOUT_CHARS]
     (out / "heldout.txt").write_text(text, encoding="utf-8")

@@ -63,3 +63,43 @@ def test_cli_chat_reads_turns_from_stdin(exported):
     assert data["cached_tokens"] == first["prefilled_tokens"] + second["prefilled_tokens"] + generated - 2
     # The second turn did not prefill the first one again.
     assert second["prefilled_tokens"] <= data["cached_tokens"] - first["prefilled_tokens"] - len(second["token_ids"]) + 1
+
+
+LONG_TURN = "def add(a, b): return a + b; " * 38  # about 450 tokens: two of them and a reply outgrow 1024
+
+
+def test_a_turn_that_outgrows_the_context_drops_the_oldest_exchange(exported):
+    path = exported("LlamaForCausalLM", "ort")
+    session = open_session(path)
+    tokenizer = load_tokenizer(session.graph, required=True)
+    chat = Conversation(session, tokenizer, load_chat_template(session.graph), max_new_tokens=200)
+    context = session.graph.model.max_position_embeddings
+    # One turn and its 200 new tokens fit the context; two do not, whatever the first reply's length.
+    assert (context - 200) // 2 < len(tokenizer.encode(LONG_TURN)) < context - 200 - 16
+    first = chat.send(LONG_TURN)
+    assert not first.restarted and first.dropped == 0
+    second = chat.send(LONG_TURN + " again")
+    # The first exchange (its message and reply) is gone; the second is prefilled from scratch.
+    assert second.restarted and second.dropped == 2
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    assert chat.messages[0]["content"] == LONG_TURN + " again"
+    assert session.length == len(chat.ids) == second.prefilled_tokens + len(second.generation.token_ids) - 1
+    assert session.length + 1 <= context
+    # Same reply as a fresh session fed the remaining conversation alone.
+    again = generate(open_session(path), chat.ids[: second.prefilled_tokens], 200, eos_ids=chat.stop_ids)
+    assert again.token_ids == second.generation.token_ids
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_not_kept(exported):
+    from edgekit.errors import EdgekitError
+
+    path = exported("LlamaForCausalLM", "ort")
+    session = open_session(path)
+    chat = Conversation(session, load_tokenizer(session.graph, required=True), load_chat_template(session.graph),
+                        max_new_tokens=8)
+    chat.send("hello")
+    before, held = list(chat.messages), session.length
+    with pytest.raises(EdgekitError):
+        chat.send(LONG_TURN * 3)
+    assert chat.messages == before and session.length == held
+    assert chat.send("and now?").restarted is False  # the conversation goes on from its cache

@@ -87,3 +87,25 @@ def test_uses_last_logits_when_the_session_has_it():
     result = generate(session, [1, 2, 3], 4)
     assert result.token_ids == [4, 5, 6, 7]
     assert session.last_calls == 4  # the prefill too: only its last row is ever read
+
+
+def test_prompt_ids_are_checked_against_the_vocabulary():
+    from edgekit.generate import token_id_problem
+
+    assert token_id_problem([0, 15], 16) is None
+    # -1 would be read as the last row by ONNX Runtime's Gather: refused like any other bad id.
+    for bad in (16, -1, 99999):
+        assert f"prompt token id {bad} is outside the vocabulary of 16 tokens (0..15)" == token_id_problem([1, bad], 16)
+
+
+def test_prompt_and_new_tokens_are_checked_against_the_context():
+    from edgekit.generate import check_prompt, context_problem
+
+    assert context_problem(10, 6, 16) is None
+    assert context_problem(10, 7, 16, "max_tokens") == "10 prompt tokens + 7 max_tokens exceed the context of 16 tokens"
+    with pytest.raises(EdgekitError) as info:
+        check_prompt([1] * 10, 7, vocab_size=16, context=16)
+    assert info.value.hint == "use --max-new-tokens 6 or less, or a shorter prompt"
+    with pytest.raises(EdgekitError) as info:
+        check_prompt([1] * 16, 1, vocab_size=16, context=16)
+    assert info.value.hint == "use a shorter prompt"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from edgekit.cli._output import console, print_json
+from edgekit.cli._output import console, json_errors, print_json
 from edgekit.errors import EdgekitError
 
 
@@ -29,13 +30,24 @@ def run(
         "80% of available memory.")),
 ) -> None:
     """Generate from PROMPT with the exported model (greedy unless a sampling option is given)."""
-    from edgekit.generate import Sampling, generate
-    from edgekit.runtimes.onnxruntime import open_session
-    from edgekit.tokenizer import load_tokenizer
+    from edgekit.generate import Sampling
 
-    sampling = Sampling(temperature, top_k, top_p, seed).check()
-    if max_new_tokens < 1:
-        raise EdgekitError(f"--max-new-tokens {max_new_tokens} must be >= 1", "e.g. --max-new-tokens 64")
+    done: dict[str, Any] = {}  # with --chat: the turns so far, printed with the error if a later one fails
+    with json_errors(json_out, done):
+        sampling = Sampling(temperature, top_k, top_p, seed).check()
+        if max_new_tokens < 1:
+            raise EdgekitError(f"--max-new-tokens {max_new_tokens} must be >= 1", "e.g. --max-new-tokens 64")
+        session = _open(path, profile, threads, mmap)
+        if chat:
+            _chat(session, prompt, max_new_tokens, sampling, json_out, done)
+        else:
+            _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out)
+
+
+def _open(path: Path, profile: str | None, threads: int | None, mmap: bool | None):
+    """The ONNX Runtime session of an export, a build, or a bundle's fitting engine."""
+    from edgekit.runtimes.onnxruntime import open_session
+
     if path.suffix == ".edgepkg":
         from edgekit.bundle import open_bundle
 
@@ -46,12 +58,21 @@ def run(
     if session.memory_mapped and mmap is None:
         console.print("[yellow]note:[/] the weights exceed 80% of available memory: they stay memory-mapped "
                       "(ONNX Runtime prepacking off; int4 decode is much slower this way)")
-    if chat:
-        return _chat(session, prompt, max_new_tokens, sampling, json_out)
+    return session
+
+
+def _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out) -> None:
+    """One generation from --prompt or --prompt-ids, streamed as text when there is a tokenizer."""
+    from edgekit.generate import check_prompt, generate
+    from edgekit.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(session.graph, required=prompt is not None)
     ids = _prompt_ids(prompt, prompt_ids, tokenizer)
+    model = session.graph.model
+    # Before any work: a bad id would fail inside ONNX Runtime, an overlong run at its last positions.
+    check_prompt(ids, max_new_tokens, model.vocab_size, model.max_position_embeddings)
     stream = None if json_out or tokenizer is None else tokenizer.stream(sys.stdout)
-    result = generate(session, ids, max_new_tokens, sampling, session.graph.model.eos_token_ids,
+    result = generate(session, ids, max_new_tokens, sampling, model.eos_token_ids,
                       on_token=stream.push if stream else None)
     text = tokenizer.decode(result.token_ids) if tokenizer else None
     if json_out:
@@ -70,33 +91,51 @@ def run(
     )
 
 
-def _chat(session, prompt, max_new_tokens, sampling, json_out) -> None:
+def _chat(session, prompt, max_new_tokens, sampling, json_out, done: dict[str, Any]) -> None:
     """Read user turns from stdin (the first may come from --prompt) until EOF or 'exit'."""
     from edgekit.chat import Conversation, load_chat_template
     from edgekit.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(session.graph, required=True)
     conversation = Conversation(session, tokenizer, load_chat_template(session.graph), max_new_tokens, sampling)
-    interactive = sys.stdin.isatty()
-    turns = []
-    while True:
-        if prompt is None:
-            if interactive:
-                console.print("[bold]>>>[/] ", end="")
-            line = sys.stdin.readline()
-            if not line or line.strip() in ("exit", "quit"):
-                break
-            prompt = line.rstrip("\n")
-        turn = conversation.send(prompt)
-        prompt = None
+    turns = done.setdefault("turns", [])
+    for message in _user_turns(prompt):
+        turn = conversation.send(message)
         turns.append({"reply": turn.reply, "prefilled_tokens": turn.prefilled_tokens,
-                      "token_ids": turn.generation.token_ids, "ttft_ms": turn.generation.ttft_ms})
+                      "token_ids": turn.generation.token_ids, "ttft_ms": turn.generation.ttft_ms,
+                      "restarted": turn.restarted, "dropped_messages": turn.dropped})
         if not json_out:
-            sys.stdout.write(turn.reply + "\n")
-            console.print(f"[dim]prefilled {turn.prefilled_tokens} tokens · first token "
-                          f"{turn.generation.ttft_ms:.1f} ms{' · restarted' if turn.restarted else ''}[/]")
+            _show_turn(turn, conversation.context)
     if json_out:
         print_json({"turns": turns, "cached_tokens": session.length})
+
+
+def _user_turns(first: str | None):
+    """--prompt's text, then stdin lines until EOF, 'exit' or 'quit' (prompted on a terminal)."""
+    if first is not None:
+        yield first
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            console.print("[bold]>>>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("exit", "quit"):
+            return
+        yield line.rstrip("\n")
+
+
+def _show_turn(turn, context: int) -> None:
+    """The reply on stdout; its cost (and whether history was dropped to fit) on stderr."""
+    sys.stdout.write(turn.reply + "\n")
+    sys.stdout.flush()
+    note = " · restarted" if turn.restarted else ""
+    if turn.dropped:
+        note = f" · restarted: the {turn.dropped} oldest messages dropped to fit the context of {context} tokens"
+    console.print(f"[dim]prefilled {turn.prefilled_tokens} tokens · first token "
+                  f"{turn.generation.ttft_ms:.1f} ms{note}[/]", soft_wrap=True)
+    if not turn.reply.strip():  # a base model given a chat template it never learned answers blank
+        console.print("[yellow]note:[/] the reply is blank: this model may not be instruction-tuned (its tokenizer "
+                      "has a chat template, its weights may not know it); try --prompt TEXT", soft_wrap=True)
 
 
 def _prompt_ids(prompt, prompt_ids, tokenizer) -> list[int]:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgekit.chat import END_OF_TURN, load_chat_template
 from edgekit.errors import EdgekitError
-from edgekit.generate import Sampling
+from edgekit.generate import Sampling, context_problem, token_id_problem
 from edgekit.serve import protocol as p
 from edgekit.serve.engine import open_engine
 from edgekit.serve.metrics import Metrics
@@ -94,9 +94,8 @@ class Server:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-            if any(not 0 <= i < self.graph.model.vocab_size for i in ids):
-                raise p.ApiError(400, f"prompt token ids must be in 0..{self.graph.model.vocab_size - 1}",
-                                 param="prompt")
+            if (problem := token_id_problem(ids, self.graph.model.vocab_size)) is not None:
+                raise p.ApiError(400, problem, param="prompt")
         if not ids:
             raise p.ApiError(400, "the prompt is empty", param="prompt")
         return ids
@@ -116,9 +115,8 @@ class Server:
         param = "messages" if isinstance(req, p.ChatRequest) else "prompt"
         if max_tokens is None:
             max_tokens = p.DEFAULT_COMPLETION_TOKENS if param == "prompt" else self.max_context - len(ids)
-        if len(ids) + max_tokens > self.max_context:
-            raise p.ApiError(400, f"{len(ids)} prompt tokens + {max_tokens} max_tokens exceed the context of "
-                             f"{self.max_context} tokens", param=param, code="context_length_exceeded")
+        if (problem := context_problem(len(ids), max_tokens, self.max_context, "max_tokens")) is not None:
+            raise p.ApiError(400, problem, param=param, code="context_length_exceeded")
         temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
         sampling = Sampling(temperature=temperature, top_p=req.top_p, seed=req.seed)
         if self.sink is None:  # the lifespan did not run (e.g. a test client without its context)
