@@ -115,12 +115,12 @@ def _open(path: Path) -> tarfile.TarFile:
 
 def _members(tar: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
     """Every member, each checked for a safe name and a regular-file type before it is yielded."""
-    previous = "the start"
+    previous = None
     while True:
         try:
             info = tar.next()
         except (tarfile.TarError, OSError) as exc:
-            raise BundleError(f"{path} is truncated or corrupt after {previous} ({exc})", REPACKAGE) from None
+            raise _cut_short(path, previous, exc) from None
         if info is None:
             return
         why = unsafe_path(info.name)
@@ -131,8 +131,19 @@ def _members(tar: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
                               REPACKAGE)
         if not info.isreg() or info.issparse():
             raise BundleError(f"{path}: member {info.name!r} is not a regular file; refusing to unpack", REPACKAGE)
-        previous = repr(info.name)
+        previous = info
         yield info
+
+
+def _cut_short(path: Path, previous: tarfile.TarInfo | None, exc: Exception) -> BundleError:
+    """The error for a tar that ends early: the member cut short and how many of its bytes remain."""
+    have = path.stat().st_size - previous.offset_data if previous is not None else 0
+    if previous is not None and have < previous.size:
+        return BundleError(f"{path}: member {previous.name!r} is truncated ({max(have, 0)} of {previous.size} "
+                           "bytes)", "copy the bundle again, or " + REPACKAGE)
+    after = repr(previous.name) if previous is not None else "the start"
+    return BundleError(f"{path} is truncated or corrupt after {after} ({exc})",
+                       "copy the bundle again, or " + REPACKAGE)
 
 
 def _read_small(tar: tarfile.TarFile, info: tarfile.TarInfo, path: Path, limit: int) -> bytes:
@@ -164,12 +175,22 @@ def read_head(path: Path) -> Head:
         return Head(manifest, _read_small(tar, second, path, SIGNATURE_BYTES))
 
 
-def scan(path: Path, expected: dict[str, dict], dest: Callable[[str], Path | None], hash_all: bool) -> int:
+def _nowhere(member: str) -> Path | None:
+    return None
+
+
+def _no(member: str) -> bool:
+    return False
+
+
+def scan(path: Path, expected: dict[str, dict], dest: Callable[[str], Path | None] = _nowhere,
+         hash_also: Callable[[str], bool] = _no) -> int:
     """Check every member of ``path`` against ``expected`` ({member: manifest entry}).
 
     Members for which ``dest`` returns a path are written there (created, never overwritten) and
-    hashed; with ``hash_all`` the others are hashed too, else only their headers are checked.
-    Returns the bytes hashed. Raises BundleError naming the first member that is wrong.
+    hashed; those for which ``hash_also`` is true are hashed too; of the others only the header
+    (name, type, size) is checked, and that the file is long enough to hold them. Returns the
+    bytes hashed. Raises BundleError naming the first member that is wrong, missing or cut short.
     """
     seen: set[str] = set()
     hashed = 0
@@ -179,7 +200,7 @@ def scan(path: Path, expected: dict[str, dict], dest: Callable[[str], Path | Non
                 continue
             entry = _expected_entry(path, info, expected, seen)
             target = dest(info.name)
-            if target is not None or hash_all:
+            if target is not None or hash_also(info.name):
                 _copy_checked(tar, info, entry, path, target)
                 hashed += info.size
     missing = sorted(set(expected) - seen)

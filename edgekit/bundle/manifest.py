@@ -1,6 +1,7 @@
 """The bundle manifest: what each engine is, what hardware it needs, and every member's sha256 and size.
 
     {"schema_version": 1, "format": "edgekit-bundle", "created_by": {"edgekit": "0.1.0"},
+     "name": "Qwen3-0.6B",                        the model's name (its source's last part), as served
      "model": {...ModelSpec, without "source"...},
      "shared": [FILE, ...],                       stored as shared/<path>
      "engines": [{"id", "kind", "profile", "runtime", "precision", "quantization", "export_target",
@@ -15,8 +16,9 @@ needs only a CPU). Plain data: nothing here imports torch, transformers or onnx.
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from edgekit._files import sha256_file  # noqa: F401  (used below, re-exported)
@@ -59,6 +61,15 @@ def unsafe_path(name: str) -> str | None:
 # ---------------------------------------------------------------- making a manifest from folders
 
 
+def model_name(source: Any) -> str | None:
+    """The name clients know a model by, from the source it was exported from: the last part of
+    a hub id or folder (``Qwen/Qwen3-0.6B`` -> ``Qwen3-0.6B``), or a preset's name."""
+    if not isinstance(source, str):
+        return None
+    name = PurePath(os.path.normpath(source)).name
+    return name if name not in ("", ".", "..") else None
+
+
 class Source:
     """One folder to package: its engine entry (without id and files) and the files to store."""
 
@@ -68,6 +79,7 @@ class Source:
         graph = ExportedGraph.load(folder)  # checks the sidecar and that the model file is there
         export = data["export"] if data.get("kind") == "build" else data
         self.model = {k: v for k, v in export["model"].items() if k != "source"}
+        self.name = model_name(export["model"].get("source"))
         self.shared = sorted(name for name in graph.tokenizer_files if (folder / name).is_file())
         self.engine = _build_entry(data) if graph.build is not None else _export_entry(export)
         self.engine.update({k: v for source in (data, data.get("build") or {}) for k, v in source.items()
@@ -126,6 +138,7 @@ def make_manifest(sources: list[Source], version: str) -> tuple[dict[str, Any], 
             members.append((f"{ENGINES_DIR}/{engine_id}/{rel}", path, entry))
         engines.append({"id": engine_id, **source.engine, "files": files, "shared": source.shared})
     manifest = {"schema_version": SCHEMA_VERSION, "format": FORMAT, "created_by": {"edgekit": version},
+                **({"name": sources[0].name} if sources[0].name else {}),
                 "model": sources[0].model, "shared": shared, "engines": engines}
     return manifest, members
 

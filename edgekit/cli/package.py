@@ -23,7 +23,7 @@ def package(
     """Package builds (and exports) of one model into one file for devices."""
     from edgekit.bundle import pack_bundle
 
-    with console.status(f"Packaging {len(paths)} folder(s) into {out}..."):
+    with console.status(f"Packaging {len(paths)} folder(s) into {escape(str(out))}..."):
         info = pack_bundle(paths, out, sign_with=sign, force=force)
     if json_out:
         print_json(info.to_dict())
@@ -37,7 +37,10 @@ def inspect(
     path: Path = typer.Argument(..., help="A bundle (.edgepkg)."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
-    """Show a bundle's engines, what hardware each needs, and its signature state (nothing is hashed)."""
+    """Show a bundle's engines, what hardware each needs, and its signature state.
+
+    Every member's header is read (a truncated or incomplete bundle fails); nothing is hashed:
+    `edgekit verify` does that."""
     from edgekit.bundle import inspect_bundle
 
     info = inspect_bundle(path)
@@ -48,7 +51,7 @@ def inspect(
     out.print(f"[bold]{escape(str(path))}[/]  {_mb(info.bytes)} · schema {manifest['schema_version']} · "
               f"made by edgekit {escape(str(manifest.get('created_by', {}).get('edgekit')))} · {info.signature}",
               soft_wrap=True)
-    out.print(f"model {escape(str(model.get('architecture')))}, {model.get('num_layers')} layers, "
+    out.print(f"model {escape(info.name)}: {escape(str(model.get('architecture')))}, {model.get('num_layers')} layers, "
               f"vocab {model.get('vocab_size')} · manifest sha256 {info.manifest_sha256}", soft_wrap=True)
     out.print(_engine_table(manifest))
     for e in manifest["engines"]:
@@ -79,7 +82,7 @@ def verify(
     """Check every member's size and sha256, the manifest schema and, with --pubkey, the signature."""
     from edgekit.bundle import verify_bundle
 
-    with console.status(f"Verifying {path}..."):
+    with console.status(f"Verifying {escape(str(path))}..."):
         info = verify_bundle(path, pubkey)
     members = sum(len(e["files"]) for e in info.engines) + len(info.manifest["shared"])
     if json_out:

@@ -152,8 +152,12 @@ def test_failed_or_refused_packaging_leaves_no_file(builds, exported, tmp_path):
         pack_bundle([builds.here], tmp_path / "nokey.edgepkg", sign_with=tmp_path / "missing.pem")
     assert list(tmp_path.iterdir()) == []  # no output and no temporary file
     (tmp_path / "x.edgepkg").write_text("old")
-    with pytest.raises(OutputExistsError):
-        pack_bundle([builds.here], tmp_path / "x.edgepkg")
+    for force in (False, True):  # --force replaces only a bundle that edgekit wrote
+        with pytest.raises(OutputExistsError):
+            pack_bundle([builds.here], tmp_path / "x.edgepkg", force=force)
+    assert (tmp_path / "x.edgepkg").read_text() == "old"
+    (tmp_path / "x.edgepkg").unlink()
+    pack_bundle([builds.here], tmp_path / "x.edgepkg")
     pack_bundle([builds.here], tmp_path / "x.edgepkg", force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["x.edgepkg"]
 

@@ -1,8 +1,10 @@
 """The device story for real: a clean virtual environment with only ``pip install edgekit-llm[cpu]``
-(no torch, no transformers, no onnx) verifies, inspects and runs a signed bundle.
+(no torch, no transformers, no onnxscript) verifies, inspects and runs a signed bundle without
+importing onnx, and builds an export for this machine (int4 and fp32) with onnx alone.
 
-Installs from PyPI (numpy, onnxruntime, typer, rich, tokenizers, cryptography) into a fresh venv,
-so it needs the package index that CI's setup already uses; pip's cache keeps it to about a minute.
+Installs from PyPI (numpy, onnxruntime, onnx, onnx-ir, typer, rich, tokenizers, cryptography) into
+a fresh venv, so it needs the package index that CI's setup already uses; pip's cache keeps it to
+about a minute. One venv serves every check.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "transformers", "onnx", "onnxscript", "onnx_ir")
+EXPORT_SIDE = ("torch", "transformers", "onnxscript")  # never installed on a device
+GRAPH_LIBS = ("onnx", "onnx_ir")  # installed with [cpu] for `edgekit build`; run, verify and inspect do without
+HEAVY = (*EXPORT_SIDE, *GRAPH_LIBS)
 # Runs the edgekit command, then reports (at exit, whatever the outcome) which heavy modules were imported.
 WRAPPER = f"""
 import atexit, json, sys
-atexit.register(lambda: sys.stderr.write("HEAVY=" + json.dumps(
-    sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})) + "\\n"))
+atexit.register(lambda: sys.stderr.write("HEAVY=" + json.dumps(sorted(
+    m for m in sys.modules if m.split(".")[0] in {HEAVY!r} or m.startswith("edgekit.export"))) + "\\n"))
 import edgekit
 sys.stderr.write("EDGEKIT=" + edgekit.__file__ + "\\n")
 sys.argv = ["edgekit", *sys.argv[1:]]
@@ -61,14 +65,15 @@ def test_cpu_install_verifies_and_runs_a_bundle_without_torch(builds, tmp_path):
     installed = _run([str(python), "-m", "pip", "install", "-q", f"{src}[cpu]"], env, tmp_path, timeout=600)
     assert installed.returncode == 0, installed.stdout + installed.stderr
 
-    for module in HEAVY:
+    for module in EXPORT_SIDE:
         absent = _run([str(python), "-c", f"import {module}"], env, tmp_path)
         assert absent.returncode != 0 and "ModuleNotFoundError" in absent.stderr, module
 
-    def edgekit(*args: str) -> subprocess.CompletedProcess:
+    def edgekit(*args: str, allowed: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         result = _run([str(python), "-c", WRAPPER, *args], env, tmp_path)
         assert f"EDGEKIT={venv}" in result.stderr, result.stderr  # the installed package, not the checkout
-        assert "HEAVY=[]" in result.stderr, result.stderr
+        heavy = json.loads(result.stderr.rsplit("HEAVY=", 1)[1].splitlines()[0])
+        assert [m for m in heavy if m.split(".")[0] not in allowed] == [], result.stderr
         return result
 
     verified = edgekit("verify", str(bundle), "--pubkey", str(pub), "--json")
@@ -81,3 +86,21 @@ def test_cpu_install_verifies_and_runs_a_bundle_without_torch(builds, tmp_path):
     assert json.loads(ran.stdout)["token_ids"] == _tokens(builds.here, steps=4)
     script = _run([str(venv / "bin" / "edgekit"), "verify", str(bundle)], env, tmp_path)  # the console script
     assert script.returncode == 0 and "signed (not checked)" in script.stderr, script.stderr
+    _builds_on_the_device(edgekit, builds, tmp_path)
+
+
+def _builds_on_the_device(edgekit, builds, tmp_path: Path) -> None:
+    """`edgekit build` with the device extras: the profile's default (int4 on CPUs) and plain fp32."""
+    from tests.bundle.test_bundle import _tokens
+
+    int4 = edgekit("build", str(builds.export), "--profile", builds.here_profile, "-o", str(tmp_path / "b4"),
+                   "--json", allowed=GRAPH_LIBS)
+    assert int4.returncode == 0, int4.stderr
+    assert json.loads(int4.stdout)["quantization"] == "int4"
+    ran = edgekit("run", str(tmp_path / "b4"), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json")
+    assert ran.returncode == 0 and len(json.loads(ran.stdout)["token_ids"]) == 4, ran.stderr
+    fp32 = edgekit("build", str(builds.export), "--profile", builds.here_profile, "--precision", "fp32",
+                   "--quant", "none", "-o", str(tmp_path / "b32"), allowed=GRAPH_LIBS)
+    assert fp32.returncode == 0 and "built" in fp32.stderr, fp32.stderr
+    ran = edgekit("run", str(tmp_path / "b32"), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json")
+    assert ran.returncode == 0 and json.loads(ran.stdout)["token_ids"] == _tokens(builds.here, steps=4), ran.stderr
