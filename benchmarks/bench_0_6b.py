@@ -17,7 +17,7 @@ Steps, each printed as the command it runs:
    onnx, onnx-ir, transformers and torch 2.13.0 for its model builder) and optimum-onnx (which
    needs transformers < 4.58);
 4. ``edgekit bench BUILD_FP32 --compare edgekit:int4=BUILD_INT4,torch,optimum=PY,genai=PY,genai:int4=PY
-   --prompt-lengths 32,512 --new-tokens 128 --runs 3 --warmup 1 --threads 2 --json --plot``, with
+   --prompt-lengths 32,512 --new-tokens 128 --runs 3 --warmup 1 --threads 2 -o --plot``, with
    ``EDGEKIT_CACHE=WORK/cache`` (the peers' own exports go there), and the table as Markdown.
 """
 
@@ -127,7 +127,7 @@ def main() -> None:
     compare = compare_specs([c.strip() for c in args.contenders.split(",") if c.strip()], args.peers, int4)
     bench = [EDGEKIT, "bench", str(fp32), "--compare", ",".join(compare),
              "--prompt-lengths", "32,512", "--new-tokens", "128", "--runs", str(args.runs), "--warmup", "1",
-             "--threads", str(args.threads), "--json", str(args.work / "bench.json"),
+             "--threads", str(args.threads), "--output", str(args.work / "bench.json"),
              "--plot", str(args.work / "bench.png")]
     print(f"# load average before: {os.getloadavg()}", flush=True)
     run(bench, check=True, env={**os.environ, "EDGEKIT_CACHE": str(args.work / "cache")})

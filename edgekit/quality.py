@@ -11,6 +11,7 @@ real text?", which is the question for int8/int4 builds whose logits differ by d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,18 +50,24 @@ class QualityReport:
 
 
 def measure_quality(path: str | Path, reference: str, text_file: str | Path, max_tokens: int = 1024,
-                    window: int = WINDOW) -> QualityReport:
+                    window: int = WINDOW,
+                    on_progress: Callable[[str, int, int], None] | None = None) -> QualityReport:
     """Teacher-force the first ``max_tokens`` tokens of ``text_file`` through the engine at ``path``
-    and through ``reference`` (folder, preset or hub id) in fp32 PyTorch, and compare."""
+    and through ``reference`` (folder, preset or hub id) in fp32 PyTorch, and compare.
+
+    ``on_progress(what, done, total)`` is called before the models load and after each window.
+    """
+    progress = on_progress or (lambda what, done, total: None)
     from edgekit.runtimes.onnxruntime import OrtSession
     from edgekit.runtimes.torch import TorchSession, load_reference
 
     graph = ExportedGraph.load(path)
     windows = _windows(_token_ids(graph, Path(text_file), max_tokens), min(window, graph.model.max_position_embeddings))
+    progress("loading the engine and the reference", 0, len(windows))
     engine, ref = OrtSession(graph), TorchSession(load_reference(reference))
     sums = np.zeros(4)  # engine NLL, reference NLL, top-1 agreements, KL; summed over predicted tokens
     count = 0
-    for ids in windows:
+    for done, ids in enumerate(windows, 1):
         engine.reset(len(ids))
         ref.reset(len(ids))
         got = _log_softmax(engine.forward(ids)[:-1])  # (W - 1, vocab): predictions of ids[1:]
@@ -70,6 +77,7 @@ def measure_quality(path: str | Path, reference: str, text_file: str | Path, max
         sums += [-got[rows, targets].sum(), -want[rows, targets].sum(),
                  (got.argmax(-1) == want.argmax(-1)).sum(), (np.exp(want) * (want - got)).sum()]
         count += len(targets)
+        progress(f"scoring {Path(text_file).name}, window by window", done, len(windows))
     nll, ref_nll, agree, kl = sums / count
     perplexity, reference_perplexity, top1 = float(np.exp(nll)), float(np.exp(ref_nll)), float(agree)
     return QualityReport(

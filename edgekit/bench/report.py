@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgekit.bench.contenders import Loaded, RunTiming
 from edgekit.bench.metrics import percentiles, roofline_fraction, spread
-from edgekit.errors import MissingDependencyError
+from edgekit.errors import MissingDependencyError, OutputExistsError
 
 SCHEMA_VERSION = 1
+FAILED_COLOR = "#b03030"
+PLOT_SOFTWARE = "edgekit bench"  # the PNG's Software text: how a later bench knows the plot is its own
 CONTENDER_KEYS = ("name", "detail", "error", "load_ms", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s",
                   "tpot_ms", "e2e_ms", "tokens_generated", "tokens_match_first", "peak_rss_mb", "peak_device_mb",
                   "engine_bytes", "roofline_fraction", "ratio_vs_first")
@@ -175,6 +178,29 @@ def _num(value: float | None, scale: float = 1, spec: str = ".1f") -> str:
 
 # ---- plot ---------------------------------------------------------------------------------------
 
+def check_replaceable(path: str | Path) -> None:
+    """Refuse an output path that holds something edgekit bench did not write (a report or plot of
+    an earlier bench may be replaced), or whose folder does not exist; call it before the runs."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputExistsError(f"cannot write {path}: folder {path.parent} does not exist", "create it, or pass another path")
+    if path.is_dir() or (path.exists() and not _written_by_bench(path)):
+        raise OutputExistsError(f"{path} exists and edgekit bench did not write it; not replacing it",
+                                "pass a new file name, or move that file away yourself")
+
+
+def _written_by_bench(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith(b"\x89PNG"):
+        return PLOT_SOFTWARE.encode() in head  # a tEXt chunk, written before the image data
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and {"schema_version", "edgekit_version", "contenders"} <= data.keys()
+
+
 def check_plotting() -> None:
     """Raise MissingDependencyError, naming the extra, when matplotlib is not installed."""
     import importlib.util
@@ -184,37 +210,89 @@ def check_plotting() -> None:
 
 
 def write_plot(report: BenchReport, path: str | Path) -> None:
-    """A PNG: decode tokens/s (bars: median, whiskers: min–max) and TTFT per prompt length."""
+    """Write :func:`plot_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = plot_figure(report)
+    figure.savefig(path, dpi=120, metadata={"Software": PLOT_SOFTWARE})
+    plt.close(figure)
+
+
+def plot_figure(report: BenchReport):
+    """A matplotlib Figure: decode tokens/s (bars: median, whiskers: min–max) and time to first token
+    per prompt length, on log axes (contenders can be 100x apart) with each bar's value written on it;
+    a failed contender keeps its place, marked "failed" instead of a bar."""
     check_plotting()
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, none opened
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report.contenders if r["error"] is None]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = list(report.contenders)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     _decode_bars(left, rows)
     _ttft_bars(right, rows, [str(n) for n in report.settings["prompt_lengths"]])
     figure.suptitle(_title(report), fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
 def _decode_bars(axes, rows: list[dict[str, Any]]) -> None:
-    medians = [r["decode_tokens_per_s"]["median"] or 0 for r in rows]
-    low = [m - (r["decode_tokens_per_s"]["min"] or 0) for m, r in zip(medians, rows)]
-    high = [(r["decode_tokens_per_s"]["max"] or 0) - m for m, r in zip(medians, rows)]
-    axes.bar([r["name"] for r in rows], medians, yerr=[low, high], capsize=4, color="#4878a8")
-    axes.set_ylabel("decode tokens/s (higher is better)")
-    axes.tick_params(axis="x", labelrotation=20)
+    names = [r["name"] for r in rows]
+    for x, row in enumerate(rows):
+        rate = row["decode_tokens_per_s"] or {}
+        if row["error"] is not None or not rate.get("median"):
+            _failed(axes, x)
+            continue
+        median = rate["median"]
+        whisker = [[median - (rate["min"] or median)], [(rate["max"] or median) - median]]
+        bars = axes.bar([x], [median], yerr=whisker, capsize=4, color="#4878a8")
+        axes.bar_label(bars, labels=[_short(median)], fontsize=8, padding=2)
+    axes.set_yscale("log")
+    _log_limits(axes, [v for r in rows if r["error"] is None for v in (r["decode_tokens_per_s"] or {}).values()])
+    axes.set_xticks(range(len(rows)), names, rotation=20)
+    axes.set_ylabel("decode tokens/s (log scale, higher is better)")
 
 
 def _ttft_bars(axes, rows: list[dict[str, Any]], lengths: list[str]) -> None:
+    from matplotlib.patches import Patch
+
     width = 0.8 / max(len(rows), 1)
+    handles = []
     for i, row in enumerate(rows):
         xs = [j + i * width for j in range(len(lengths))]
-        axes.bar(xs, [row["ttft_ms"][n] or 0 for n in lengths], width, label=row["name"])
+        if row["error"] is not None:
+            for x in xs:
+                _failed(axes, x)
+            handles.append(Patch(facecolor="none", edgecolor=FAILED_COLOR, label=f"{row['name']}: failed"))
+            continue
+        values = [(row["ttft_ms"] or {}).get(n) for n in lengths]
+        bars = axes.bar(xs, [v or 0 for v in values], width, label=row["name"])
+        axes.bar_label(bars, labels=[_short(v) if v else "" for v in values], fontsize=7, padding=2)
+        handles.append(bars)
+    axes.set_yscale("log")
+    _log_limits(axes, [v for r in rows if r["error"] is None for v in (r["ttft_ms"] or {}).values()])
     axes.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(lengths))], [f"prompt {n}" for n in lengths])
-    axes.set_ylabel("time to first token, ms (lower is better)")
-    axes.legend(fontsize=8)
+    axes.set_ylabel("time to first token, ms (log scale, lower is better)")
+    axes.legend(handles=handles, fontsize=8)
+
+
+def _failed(axes, x: float) -> None:
+    """A failed contender's place: the word "failed" where its bar would stand."""
+    axes.text(x, 0.02, "failed", transform=axes.get_xaxis_transform(), rotation=90, ha="center", va="bottom",
+              color=FAILED_COLOR, fontsize=8, fontweight="bold")
+
+
+def _log_limits(axes, values: list[float]) -> None:
+    """A log axis from a decade or more under the smallest bar (autoscaling would start at that bar
+    and leave it a sliver) to room above the tallest for its label."""
+    values = [v for v in values if v and v > 0]
+    if values:
+        axes.set_ylim(10 ** (math.floor(math.log10(min(values))) - 1), max(values) * 3)
+
+
+def _short(value: float) -> str:
+    """1234.5 -> "1.2k", 56.78 -> "56.8", 0.0123 -> "0.012": what fits on a bar."""
+    if value >= 1000:
+        return f"{value / 1000:.1f}k"
+    return f"{value:.1f}" if value >= 1 else f"{value:.2g}"

@@ -6,13 +6,14 @@ shows exactly what the Jetson would build. Only the vendor call needs the target
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgekit._files import model_bytes
 from edgekit.errors import ConfigError, EdgekitError, did_you_mean
-from edgekit.profiles import Profile
+from edgekit.profiles import Profile, ShapeRange
 from edgekit.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, METHOD_CHOICES, QUANT_CHOICES, QuantSettings
 from edgekit.types import ExportedGraph
 
@@ -56,6 +57,9 @@ class BuildPlan:
     quant_lm_head: bool | None = None
     calibration: str | None = None
     quant_embeddings: bool | None = None
+    # The batch / prompt / context ranges built for: the profile's, capped at the model's positions.
+    shapes: dict[str, list[int]] | None = None
+    notes: list[str] = field(default_factory=list)  # what the plan changed or assumed, for people to read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +68,7 @@ class BuildPlan:
 def make_plan(graph: ExportedGraph, profile: Profile, runtime: str | None = None,
               precision: str | None = None, quant: QuantOptions | None = None) -> BuildPlan:
     """Resolve defaults from the profile and check the combination; raises BuildRefused."""
+    profile, notes = fit_positions(graph, profile)
     runtime = _runtime(profile, runtime)
     quantize = _quantization(graph, profile, runtime, precision, quant or QuantOptions())
     precision = _precision(profile, precision)
@@ -82,7 +87,25 @@ def make_plan(graph: ExportedGraph, profile: Profile, runtime: str | None = None
         quant_accuracy_level=quantize.accuracy_level,
         quant_lm_head=quantize.lm_head if quantize.quantization != "none" else None, calibration=quantize.calibration,
         quant_embeddings=quantize.embeddings if quantize.quantization == "int4" else None,
+        shapes={k: [v.min, v.opt, v.max] for k, v in profile.shapes.items()}, notes=notes,
     )
+
+
+def fit_positions(graph: ExportedGraph, profile: Profile) -> tuple[Profile, list[str]]:
+    """``profile`` with its prompt and context ranges capped at the model's positions, and a note per cap.
+
+    A model cannot attend past ``max_position_embeddings``: planning a longer context would size
+    the KV cache (and TensorRT's shape profile) for tokens it can never hold.
+    """
+    positions = graph.model.max_position_embeddings
+    shapes, notes = dict(profile.shapes), []
+    for key in ("prompt", "context"):
+        r = shapes[key]
+        if r.max > positions:
+            shapes[key] = ShapeRange(min(r.min, positions), min(r.opt, positions), positions)
+            notes.append(f"{key} capped at the model's {positions} positions (profile {profile.name}: "
+                         f"{r.min}/{r.opt}/{r.max})")
+    return dataclasses.replace(profile, shapes=shapes), notes
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,11 @@ from edgekit.cli import profiles as profiles_cmd
 from edgekit.cli import run as run_cmd
 from edgekit.cli import serve as serve_cmd
 from edgekit.cli import validate as validate_cmd
+from edgekit.cli._help import plain_types
 from edgekit.cli._output import print_error
 from edgekit.errors import EdgekitError
+
+plain_types()  # no `<bool>` beside every flag in --help
 
 app = typer.Typer(
     name="edgekit",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgekit.cli._output import console, print_json, quiet_libraries
 from edgekit.errors import ConfigError
@@ -20,28 +21,26 @@ def bench(
     warmup: int = typer.Option(1, "--warmup", help="Rounds run first and not counted."),
     compare: str = typer.Option("", "--compare", help="Contenders besides edgekit: torch, optimum, genai[:int4]; NAME=PYTHON runs one under that interpreter."),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads for every contender (default: each runtime's own)."),
-    json_file: str = typer.Option(None, "--json", help="Write the JSON report to FILE, or '-' for stdout."),
-    plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib: the plot extra)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    output: Path = typer.Option(None, "--output", "-o", metavar="FILE", help="Write the JSON report to FILE."),
+    plot: Path = typer.Option(None, "--plot", metavar="FILE", help="Write a PNG plot (needs matplotlib: the plot extra)."),
     measure_bandwidth: bool = typer.Option(False, "--measure-bandwidth", help="Measure memory bandwidth (numpy copy) instead of taking the profile's."),
 ) -> None:
     """Time edgekit and its peers on one model: load, first token, prefill, decode, memory, roofline."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from edgekit.bench import render_table, run_bench, write_plot
-    from edgekit.bench.report import check_plotting
+    from edgekit.bench.report import check_plotting, check_replaceable
+    from edgekit.cli._progress import progress_bar
 
     quiet_libraries()  # transformers' loading bars would tear through the progress bar
     lengths = _ints(prompt_lengths, "--prompt-lengths")
     specs = [s.strip() for s in compare.split(",") if s.strip()]
+    # Before the runs, not after minutes of them.
     if plot is not None:
-        check_plotting()  # before the runs, not after minutes of them
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("starting", total=None)
-
-        def advance(what: str, done: int, total: int) -> None:
-            progress.update(task, description=what, completed=done, total=total)
-
+        check_plotting()
+    for target in (output, plot):
+        if target is not None:
+            check_replaceable(target)
+    with progress_bar(enabled=not json_out) as advance:
         report = run_bench(path, profile=profile, prompt_lengths=lengths, new_tokens=new_tokens, runs=runs,
                            warmup=warmup, compare=specs, threads=threads, measure_bandwidth=measure_bandwidth,
                            on_progress=advance)
@@ -50,12 +49,12 @@ def bench(
     wide.print(render_table(report))
     if plot is not None:
         write_plot(report, plot)
-        console.print(f"[green]plot[/] → {plot}")
-    if json_file == "-":
+        console.print(f"[green]plot[/] → {escape(str(plot))}")
+    if output is not None:
+        report.write_json(output)
+        console.print(f"[green]json[/] → {escape(str(output))}")
+    if json_out:
         print_json(report.to_dict())
-    elif json_file:
-        report.write_json(json_file)
-        console.print(f"[green]json[/] → {json_file}")
 
 
 def _ints(text: str, option: str) -> list[int]:

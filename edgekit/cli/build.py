@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from edgekit.cli._output import console, print_json
 from edgekit.errors import EdgekitError
+
+if TYPE_CHECKING:  # the CLI imports stages when a command runs, not for --help
+    from edgekit.build import BuildPlan
 
 
 def build(
@@ -23,31 +30,89 @@ def build(
     quant_lm_head: bool = typer.Option(True, "--quant-lm-head/--no-quant-lm-head", help="Quantize the output projection too."),
     quant_embeddings: bool = typer.Option(True, "--quant-embeddings/--no-quant-embeddings", help="int4: quantize the embedding table too (GatherBlockQuantized)."),
     quality: Path = typer.Option(None, "--quality", help="Measure perplexity / top-1 agreement / KL against the source model on this text; recorded in the sidecar."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the checked build plan as JSON; build nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=(
+        "Print the checked build plan and whether this machine can build it; build nothing.")),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    json_out: bool = typer.Option(False, "--json", help="Print the build's sidecar as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON: the build's sidecar (with --dry-run: the plan)."),
 ) -> None:
     """Compile an export for a hardware profile: ONNX Runtime sessions or a TensorRT plan."""
-    from edgekit.build import QuantOptions, build_engine, plan_build
+    from edgekit.build import QuantOptions, build_engine, environment_problems, plan_build
+    from edgekit.cli._progress import progress_bar
 
     q = QuantOptions(quant, quant_method, block_size, quant_lm_head, str(calibration) if calibration else None,
                      quant_embeddings)
     if dry_run:
-        print_json(plan_build(export_dir, profile, runtime, precision, q).to_dict())
+        plan = plan_build(export_dir, profile, runtime, precision, q)
+        problems = environment_problems(plan)
+        if json_out:
+            print_json({**plan.to_dict(), "buildable_here": not problems, "not_buildable_because": problems})
+        else:
+            Console().print(plan_summary(plan, problems))
         return
     if out is None:
         raise EdgekitError("--out is required unless --dry-run", "e.g. -o builds/my-model-l4")
-    with console.status(f"Building {export_dir} for {profile}..."):
+    with progress_bar(enabled=not json_out) as progress:
         graph = build_engine(export_dir, profile, out, runtime=runtime, precision=precision, force=force, quant=q,
-                             quality_text=quality)
+                             quality_text=quality, on_progress=progress)
     if json_out:
         print_json(graph.build)
         return
     b = graph.build
     quantized = f", {b['quantization']} {b.get('quant_method') or ''}".rstrip() if b.get("quantization", "none") != "none" else ""
-    console.print(f"[green]built[/] {export_dir} → {out}  ({b['runtime']}, {b['precision']}{quantized}, profile {b['profile']}, "
-                  f"{b['memory']['total_bytes'] / 1e6:.1f} MB planned)")
+    console.print(f"[green]built[/] {escape(str(export_dir))} → {escape(str(out))}  ({b['runtime']}, "
+                  f"{b['precision']}{quantized}, profile {escape(b['profile'])}, {b['memory']['total_bytes'] / 1e6:.1f} MB planned)")
+    for note in b.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}")
     if "quality" in b:
         r = b["quality"]
         console.print(f"quality: perplexity {r['perplexity']:.3f} vs {r['reference_perplexity']:.3f} "
                       f"({r['perplexity_increase']:+.1%}), top-1 agreement {r['top1_agreement']:.1%}, KL {r['kl_divergence']:.4f}")
+
+
+def plan_summary(plan: BuildPlan, problems: list[str]) -> Table:
+    """The plan as people read it: what will be built, for which shapes, in how much memory, and
+    whether this machine can build it (``--json`` has every field)."""
+    table = Table(title=escape(f"build plan: {plan.export} for {plan.profile} ({plan.device})"), title_justify="left",
+                  show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in _plan_rows(plan, problems):
+        table.add_row(label, value)
+    return table
+
+
+def _plan_rows(plan: BuildPlan, problems: list[str]) -> list[tuple[str, str]]:
+    """(label, Rich markup) pairs; text that comes from files or the machine is escaped."""
+    mem, shapes = plan.memory, plan.shapes or {}
+    rows = [
+        ("runtime", escape(plan.runtime + (f" ({', '.join(plan.onnxruntime['providers'])})" if plan.onnxruntime else ""))),
+        ("precision", f"{plan.precision} (export: {plan.export_dtype}, --target {plan.export_target})"),
+        ("quantization", escape(_quant(plan))),
+        ("shapes", " · ".join(f"{k} {'/'.join(map(str, v))}" for k, v in shapes.items()) + "  (min/opt/max)"),
+        ("memory", f"{_size(mem['weights_bytes'])} weights + {_size(mem['kv_cache_bytes'])} KV cache at "
+                   f"{mem['context']} tokens × batch {mem['batch']} = {_size(mem['total_bytes'])}, "
+                   f"{mem['total_bytes'] / mem['budget_bytes']:.1%} of the {_size(mem['budget_bytes'])} budget"),
+        ("requires", escape(", ".join(f"{k} {' '.join(v) if isinstance(v, list) else v}"
+                                      for k, v in plan.requirements.items()))),
+    ]
+    if plan.tensorrt:
+        trt = plan.tensorrt
+        rows.append(("tensorrt", f"{'+'.join(trt['flags']) or 'FP32'}, workspace {trt['workspace_bytes'] >> 20} MiB, "
+                                 f"builder level {trt['builder_optimization_level']}, TensorRT >= {trt['min_version']}"))
+    rows += [("note", f"[yellow]{escape(note)}[/]") for note in plan.notes]
+    here = "[green]yes[/]" if not problems else "[red]no[/]: " + escape("; ".join(problems))
+    return rows + [("buildable here", here)]
+
+
+def _quant(plan: BuildPlan) -> str:
+    if plan.quantization == "none":
+        return "none"
+    parts = [f"{plan.quantization} {plan.quant_method or ''}".strip()]
+    if plan.quant_block_size:
+        parts.append(f"block {plan.quant_block_size}, accuracy level {plan.quant_accuracy_level}")
+    kept = [name for name, on in (("LM head", plan.quant_lm_head), ("embeddings", plan.quant_embeddings)) if on is False]
+    return ", ".join(parts) + (f" (fp32: {', '.join(kept)})" if kept else "")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

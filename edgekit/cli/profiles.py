@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgekit.cli._output import print_json
@@ -20,12 +24,19 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print a JSON l
     if json_out:
         print_json([p.to_dict() for p in profiles])
         return
-    table = Table("name", "device", "arch", "memory", "bandwidth", "precisions", "runtimes")
+    # Light borders and lists that wrap between items, so that 80 columns show every value whole;
+    # the name, which users copy into --profile, never wraps.
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("name", no_wrap=True)
+    for header, widest_word in (("device", "avx512_vnni"), ("memory", "307.2 GB/s"), ("precisions", "fp32,"),
+                                ("runtimes", "ort-tensorrt,")):
+        table.add_column(header, min_width=len(widest_word))
     for p in profiles:
         hw = p.hardware
-        arch = f"sm_{hw['compute_capability'].replace('.', '')}" if p.is_gpu else "+".join(hw["cpu_flags"])
-        table.add_row(p.name, p.device, arch, f"{hw['memory_gb']:g} GB", f"{hw['memory_bandwidth_gbs']:g} GB/s",
-                      ",".join(hw["precisions"]), ",".join(p.defaults["runtimes"]))
+        arch = f"sm_{hw['compute_capability'].replace('.', '')}" if p.is_gpu else " ".join(hw["cpu_flags"])
+        table.add_row(escape(p.name), escape(f"{p.device} {arch}"),
+                      f"{hw['memory_gb']:g} GB\n{hw['memory_bandwidth_gbs']:g} GB/s",
+                      ", ".join(hw["precisions"]), ", ".join(p.defaults["runtimes"]))
     Console().print(table)
 
 
@@ -34,11 +45,18 @@ def show_cmd(
     name: str = typer.Argument(..., help="A shipped profile name or a path to a .toml file."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show one profile, validated."""
+    """Show one profile, validated: its TOML file as it is, so `show NAME > board.toml` makes a profile to edit."""
     from edgekit.profiles import load_profile
 
     profile = load_profile(name)
     if json_out:
         print_json(profile.to_dict())
         return
-    Console().print(profile.path.read_text(), markup=False, highlight=False)
+    text = profile.path.read_text()
+    if not sys.stdout.isatty():  # a file or a pipe: the bytes of the TOML, not a rendering wrapped to 80 columns
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    from rich.syntax import Syntax
+
+    Console().print(Syntax(text, "toml", background_color="default"), soft_wrap=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute (AVX2 / AVX-512 VNNI / A
 CALIBRATION_WINDOW = 128
 CALIBRATION_SAMPLES = 8
 
+Progress = Callable[[str, int, int], None]  # (what, done, total), as run_bench's on_progress
+
+
+def _silent(what: str, done: int, total: int) -> None:
+    """The default progress callback: nobody is watching."""
+
 
 @dataclass(frozen=True)
 class QuantSettings:
@@ -48,9 +55,15 @@ class QuantSettings:
     embeddings: bool = False  # int4 rtn: the embedding Gather too (GatherBlockQuantized)
 
 
-def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings) -> dict[str, Any]:
-    """Quantize ``model`` in place (external data beside it); returns figures for the sidecar."""
-    onnx = require("onnx", "export")  # the quantizers edit ONNX protos
+def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
+                   on_progress: Progress | None = None) -> dict[str, Any]:
+    """Quantize ``model`` in place (external data beside it); returns figures for the sidecar.
+
+    ``on_progress(what, done, total)`` is called as the work advances: once per weight the
+    quantizer takes (RTN), or per stage where ONNX Runtime quantizes the model in one call.
+    """
+    onnx = require("onnx", ("cpu", "gpu"))  # the quantizers edit ONNX protos
+    progress = on_progress or _silent
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # its INFO lines go to stdout
     before = model_bytes(model)
@@ -61,9 +74,12 @@ def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings) -
     with contextlib.redirect_stdout(sys.stderr):
         if settings.quantization == "int4":
             with np.errstate(divide="ignore", invalid="ignore"):  # ORT's Gather quantizer divides by all-zero rows' scale 0
-                proto = _int4(graph, proto, settings, exclude)
+                proto = _int4(graph, proto, settings, exclude, progress)
         else:
+            progress("int8: quantizing MatMuls", 0, 1)
             proto = _int8(model, exclude)
+            progress("int8: quantizing MatMuls", 1, 1)
+    progress("saving the quantized model", 0, 0)
     for stale in model_files(model):
         stale.unlink()
     onnx.save_model(proto, str(model), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -85,7 +101,7 @@ def _lm_head(proto) -> str | None:
     return node.name if node is not None and node.op_type == "MatMul" else None
 
 
-def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[str]):
+def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[str], progress: Progress):
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     _name_unnamed(proto)
@@ -100,21 +116,50 @@ def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[st
         # ORT's default weight-only quantizer: blockwise asymmetric round-to-nearest, in C++.
         algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False,
                                                   accuracy_level=settings.accuracy_level)
-    proto = _nbits(nbits, proto, settings, exclude, algo)
+    what = "int4 GPTQ: calibrating and quantizing" if settings.method == "gptq" else "int4: quantizing weights"
+    proto = _nbits(nbits, proto, settings, exclude, algo, progress, what)
     if settings.embeddings:  # a second, RTN pass: ORT quantizes Gather in its default quantizer only
         others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name != _embedding(graph, proto)]
         algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, op_types_to_quantize=("Gather",),
                                                   quant_axes=(("Gather", 1),))
-        proto = _nbits(nbits, proto, settings, others, algo)
+        proto = _nbits(nbits, proto, settings, others, algo, progress, "int4: quantizing the embedding")
     return proto
 
 
-def _nbits(nbits, proto, settings: QuantSettings, exclude: list[str], algo):
+def _nbits(nbits, proto, settings: QuantSettings, exclude: list[str], algo, progress: Progress, what: str):
     quantizer = nbits.MatMulNBitsQuantizer(proto, block_size=settings.block_size or DEFAULT_BLOCK_SIZE,
                                            is_symmetric=False, accuracy_level=settings.accuracy_level,
                                            nodes_to_exclude=exclude, algo_config=algo)
+    total = _count_calls(quantizer, proto, algo, lambda done, total: progress(what, done, total))
     quantizer.process()
+    progress(what, total, total)
     return quantizer.model.model
+
+
+def _count_calls(quantizer, proto, algo, report: Callable[[int, int], None]) -> int:
+    """Report each node the quantizer takes, of those it will be offered; returns their number.
+
+    ORT's default (RTN) quantizer offers every node of ``algo``'s op types, not excluded, to its
+    node quantizer one by one; GPTQ has none and quantizes the model in one call (one step).
+    """
+    node_quantizer = getattr(quantizer, "node_quantizer", None)
+    if node_quantizer is None:
+        report(0, 1)
+        return 1
+    offered = algo.op_types_to_quantize
+    total = sum(n.op_type in offered and n.name not in quantizer.nodes_to_exclude for n in proto.graph.node)
+    quantize, done = node_quantizer.quantize, 0
+
+    def counted(node, graph_stack):
+        nonlocal done
+        nodes = quantize(node, graph_stack)
+        done += 1
+        report(min(done, total), total)  # min: a node of a subgraph would count past the top level's
+        return nodes
+
+    node_quantizer.quantize = counted
+    report(0, total)
+    return total
 
 
 def _embedding(graph: ExportedGraph, proto) -> str | None:
@@ -127,7 +172,7 @@ def _embedding(graph: ExportedGraph, proto) -> str | None:
 def _int8(model: Path, exclude: list[str]):
     import tempfile
 
-    onnx = require("onnx", "export")  # the quantizers edit ONNX protos
+    onnx = require("onnx", ("cpu", "gpu"))  # the quantizers edit ONNX protos
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()

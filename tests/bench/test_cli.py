@@ -15,7 +15,7 @@ def test_json_on_stdout_table_on_stderr_and_a_plot(exported, tmp_path):
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (pip install 'edgekit-llm[plot]')")
     png = tmp_path / "bench.png"
     result = edgekit("bench", str(exported(ARCH)), "--prompt-lengths", "8,16", "--new-tokens", "4", "--runs", "1",
-                     "--warmup", "0", "--threads", "1", "--json", "-", "--plot", str(png), "--compare", "optimum")
+                     "--warmup", "0", "--threads", "1", "--json", "--plot", str(png), "--compare", "optimum")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)  # nothing else on stdout
     assert data["settings"]["prompt_lengths"] == [8, 16] and data["settings"]["threads"] == 1
@@ -26,12 +26,23 @@ def test_json_on_stdout_table_on_stderr_and_a_plot(exported, tmp_path):
 
 def test_json_to_a_file(exported, tmp_path):
     out = tmp_path / "bench.json"
-    result = edgekit("bench", str(exported(ARCH)), "--prompt-lengths", "8", "--new-tokens", "3", "--runs", "1",
-                     "--warmup", "0", "--json", str(out), "--measure-bandwidth")
+    args = ("bench", str(exported(ARCH)), "--prompt-lengths", "8", "--new-tokens", "3", "--runs", "1", "--warmup", "0")
+    result = edgekit(*args, "-o", str(out), "--measure-bandwidth")
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["settings"]["bandwidth_source"].startswith("measured") and data["settings"]["bandwidth_gbs"] > 0
     assert result.stdout == ""
+    again = edgekit(*args, "--output", str(out), "--json")  # its own report is replaced; --json prints the same
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == json.loads(out.read_text())
+
+
+def test_json_is_a_flag_like_everywhere_else(exported, tmp_path):
+    """`--json` takes no value: a path after it is the command's PATH argument, not a file to write."""
+    result = edgekit("bench", "--json", str(exported(ARCH)), "--prompt-lengths", "8", "--new-tokens", "3",
+                     "--runs", "1", "--warmup", "0")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["prompt_lengths"] == [8]
 
 
 @pytest.mark.parametrize("args, message", [

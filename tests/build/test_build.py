@@ -9,8 +9,10 @@ import sys
 import pytest
 
 from edgekit.build import BuildRefused, build_engine, plan_build
+from edgekit.build.plan import fit_positions
 from edgekit.profiles import PROFILE_DIR, list_profiles, load_profile
 from edgekit.types import ExportedGraph
+from tests.cli.test_cli import edgekit
 from tests.conftest import family_names
 
 GPU_PROFILES = [p.name for p in list_profiles() if p.is_gpu]
@@ -27,8 +29,9 @@ def _here():
 
 @pytest.mark.parametrize("name", GPU_PROFILES)
 def test_tensorrt_plan_for_every_gpu_profile(exported, name):
-    profile = load_profile(name)
-    plan = plan_build(exported("Qwen3ForCausalLM", "decomposed"), name, runtime="tensorrt", precision="fp16")
+    path = exported("Qwen3ForCausalLM", "decomposed")
+    profile, _ = fit_positions(ExportedGraph.load(path), load_profile(name))  # the tiny model has 1024 positions
+    plan = plan_build(path, name, runtime="tensorrt", precision="fp16")
     trt = plan.tensorrt
     assert plan.runtime == "tensorrt" and plan.precision == "fp16" and plan.quantization == "none"
     assert trt["flags"] == ["FP16"]
@@ -46,6 +49,26 @@ def test_tensorrt_plan_for_every_gpu_profile(exported, name):
                                  "tensorrt": ">=" + profile.tensorrt["min_version"]}
     assert plan.memory["kv_cache_bytes"] == 2 * 2 * 2 * 32 * 2 * c.max * b.max  # layers*kv*(k,v)*D*fp16*ctx*batch
     assert plan.onnxruntime is None
+    assert plan.shapes == {k: [v.min, v.opt, v.max] for k, v in profile.shapes.items()}
+
+
+def test_plans_stop_at_the_model_positions(exported, tmp_path):
+    """A 1024-position model is planned at 1024 tokens, not at the profile's 4096 / 16384, and the plan says so."""
+    path = exported("Qwen3ForCausalLM", "decomposed")
+    positions = ExportedGraph.load(path).model.max_position_embeddings
+    assert positions == 1024
+    l4 = load_profile("l4").shapes
+    plan = plan_build(path, "l4", runtime="tensorrt", precision="fp16")
+    assert plan.shapes["context"] == [l4["context"].min, positions, positions] and plan.memory["context"] == positions
+    assert plan.shapes["prompt"] == [l4["prompt"].min, l4["prompt"].opt, positions]
+    assert plan.tensorrt["shape_profile"]["attention_mask"]["max"] == [l4["batch"].max, positions]
+    assert plan.tensorrt["shape_profile"]["past_key_values.0.key"]["max"][2] == positions - 1
+    assert any("context capped at the model's 1024 positions" in note and "16384" in note for note in plan.notes)
+    board = tmp_path / "board.toml"  # a context no memory holds: planned at the model's 1024, not refused
+    board.write_text((PROFILE_DIR / "jetson-orin-nano-8gb.toml").read_text()
+                     .replace("context = [1, 1024, 2048]", "context = [1, 1024, 50000000]"))
+    assert plan_build(path, board, runtime="tensorrt").memory["context"] == positions
+    assert plan_build(exported("Qwen3ForCausalLM", "ort"), "cpu-x86-64").shapes["context"][2] == positions
 
 
 @pytest.mark.parametrize("name", GPU_PROFILES)
@@ -93,10 +116,10 @@ def test_refuses_ort_cuda_for_portable_graphs(exported):
 def test_refuses_more_memory_than_the_profile_has(exported, tmp_path):
     text = (PROFILE_DIR / "jetson-orin-nano-8gb.toml").read_text()
     board = tmp_path / "board.toml"
-    board.write_text(text.replace("context = [1, 1024, 2048]", "context = [1, 1024, 50000000]"))
+    board.write_text(text.replace("batch = [1, 1, 1]", "batch = [1, 1, 50000]"))
     with pytest.raises(BuildRefused) as info:
         plan_build(exported("Qwen3ForCausalLM", "decomposed"), board, runtime="tensorrt")
-    assert "KV cache at 50000000 tokens" in info.value.message and "8 GB" in info.value.message
+    assert "KV cache at 1024 tokens x batch 50000" in info.value.message and "8 GB" in info.value.message
     assert "[shapes].context" in info.value.hint
 
 
@@ -182,9 +205,9 @@ def test_cli_dry_run_and_sidecar(exported, tmp_path):
     path = exported("Qwen2ForCausalLM", "ort")
     run = lambda *a: subprocess.run([sys.executable, "-c", "from edgekit.cli import main; main()", *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=300)
-    dry = run("build", str(path), "--profile", "cpu-x86-64", "--dry-run")
+    dry = run("build", str(path), "--profile", "cpu-x86-64", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
-    assert json.loads(dry.stdout)["runtime"] == "ort-cpu"
+    assert json.loads(dry.stdout)["runtime"] == "ort-cpu" and json.loads(dry.stdout)["buildable_here"] is True
     assert not list(tmp_path.iterdir())
     refused = run("build", str(path), "--profile", "jetson-orin-nano-8gb", "--precision", "fp8", "--dry-run")
     assert refused.returncode == 1 and "error:" in refused.stderr and "hint:" in refused.stderr
@@ -196,3 +219,29 @@ def test_cli_dry_run_and_sidecar(exported, tmp_path):
     for key in ("runtime", "profile", "precision", "requirements", "onnxruntime_version", "source_export"):
         assert key in sidecar["build"]
     assert ExportedGraph.load(out).build["model_file"] == "model.onnx"
+
+
+
+def test_cli_dry_run_is_a_summary_people_read(exported):
+    """Without --json, --dry-run prints a short summary (not the plan's JSON one number per line),
+    with the shapes capped at the model's positions and whether this machine can build it."""
+    path = str(exported("Qwen3ForCausalLM", "decomposed"))
+    shown = edgekit("build", path, "--profile", "l4", "--runtime", "tensorrt", "--precision", "fp16", "--dry-run",
+                    env={"COLUMNS": "100"})
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert 8 <= len(lines) <= 25 and not shown.stdout.lstrip().startswith("{")
+    text = " ".join(shown.stdout.split())
+    for expected in ("runtime tensorrt", "precision fp16", "quantization none", "context 1/1024/1024",
+                     "KV cache at 1024 tokens", "budget", "context capped at the model's 1024 positions",
+                     "buildable here"):
+        assert expected in text, (expected, shown.stdout)
+    full = json.loads(edgekit("build", path, "--profile", "l4", "--runtime", "tensorrt", "--precision", "fp16",
+                              "--dry-run", "--json").stdout)
+    assert full["shapes"]["context"] == [1, 1024, 1024] and full["tensorrt"]["shape_profile"]
+    from edgekit.doctor import detect
+
+    if not detect().gpus:  # this machine lacks the L4: the plan says so, with the reason, and still exits 0
+        assert full["buildable_here"] is False
+        assert any("compute capability 8.9" in reason for reason in full["not_buildable_because"])
+        assert "buildable here no: needs" in text and "compute capability 8.9" in text

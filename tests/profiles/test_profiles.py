@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -90,3 +91,31 @@ def test_cli_list_and_show_json():
     assert data["hardware"]["compute_capability"] == "8.9" and data["shapes"]["context"] == [1, 4096, 16384]
     bad = _cli("profiles", "show", "l5")
     assert bad.returncode == 1 and "error:" in bad.stderr and "hint:" in bad.stderr
+
+
+@pytest.mark.parametrize("name", shipped_profiles())
+def test_show_to_a_file_is_the_toml_and_loads_back(tmp_path, name):
+    """`profiles show NAME > board.toml` gives the file itself (no wrapping when piped), which loads again."""
+    original = PROFILE_DIR / f"{name}.toml"
+    copy = tmp_path / "board.toml"
+    with copy.open("w") as stdout:  # stdout is a file, as with `> board.toml`
+        shown = subprocess.run([sys.executable, "-c", "from edgekit.cli import main; main()", "profiles", "show", name],
+                               stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120,
+                               env={**os.environ, "COLUMNS": "80"})
+    assert shown.returncode == 0, shown.stderr
+    assert copy.read_text() == original.read_text()
+    again = _cli("profiles", "show", str(copy), "--json")
+    assert again.returncode == 0, again.stderr
+    assert {**json.loads(again.stdout), "path": None} == {**load_profile(name).to_dict(), "path": None}
+
+
+def test_list_at_80_columns_shows_every_name_whole():
+    listed = subprocess.run([sys.executable, "-c", "from edgekit.cli import main; main()", "profiles", "list"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert listed.returncode == 0, listed.stderr
+    assert max(map(len, listed.stdout.splitlines())) <= 80
+    cells = {cell.strip() for line in listed.stdout.splitlines() for cell in line.split("  ")}
+    for profile in list_profiles():
+        assert profile.name in cells
+        for item in profile.hardware["precisions"] + profile.defaults["runtimes"]:
+            assert item in listed.stdout.replace(",", " ").split()  # wrapped between items, never cut

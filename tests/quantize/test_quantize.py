@@ -172,3 +172,22 @@ def test_cli_build_and_validate_quality(tiny_code_export, tmp_path):
     assert report["perplexity"] == pytest.approx(sidecar["quality"]["perplexity"], rel=1e-6)
     bad = run("build", str(tiny_code_export), "--profile", PROFILE, "--quant", "int3", "--dry-run")
     assert bad.returncode != 0 and "--quant 'int3'" in bad.stderr and "hint:" in bad.stderr
+
+
+def test_build_reports_progress_with_sensible_counts(tiny_code_export, tmp_path):
+    """on_progress follows the build: the backend, each weight quantized, the save, each quality window."""
+    calls = []
+    graph = build_engine(tiny_code_export, PROFILE, tmp_path / "int4", quant=QuantOptions("int4", "rtn"),
+                         quality_text=HELDOUT, on_progress=lambda *call: calls.append(call))
+    steps = list(dict.fromkeys(what for what, _, _ in calls))
+    assert steps == [f"building ort-cpu for {PROFILE}", "int4: quantizing weights", "int4: quantizing the embedding",
+                     "saving the quantized model", "loading the engine and the reference",
+                     "scoring heldout.txt, window by window"]
+    counts = {step: [(done, total) for what, done, total in calls if what == step] for step in steps}
+    weights = counts["int4: quantizing weights"]
+    total = weights[0][1]
+    assert {t for _, t in weights} == {total} and total >= graph.build["quantize"]["quantized_matmuls"] > 0
+    assert [d for d, _ in weights] == [*range(total + 1), total]  # one call per weight offered, then done
+    assert counts["int4: quantizing the embedding"][-1] == (1, 1)
+    windows = graph.build["quality"]["windows"]
+    assert counts["scoring heldout.txt, window by window"] == [(i, windows) for i in range(1, windows + 1)]
