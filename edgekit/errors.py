@@ -61,14 +61,16 @@ def did_you_mean(value: str, choices: list[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def require(module: str, extra: str):
-    """Import an optional dependency or raise a MissingDependencyError naming the extra."""
+def require(module: str, extra: str | tuple[str, ...]):
+    """Import an optional dependency or raise a MissingDependencyError naming the extra (or the
+    extras that each bring it, e.g. ("cpu", "gpu"))."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        extras = (extra,) if isinstance(extra, str) else extra
         raise MissingDependencyError(
             f"this command needs {module!r}, which is not installed ({exc})",
-            f"pip install 'edgekit-llm[{extra}]'",
+            " or ".join(f"pip install 'edgekit-llm[{name}]'" for name in extras),
         ) from None

@@ -195,10 +195,7 @@ def read_sidecar(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not a folder", "pass a folder written by `edgekit export`")
     sidecar = path / SIDECAR
     if not sidecar.is_file():
-        raise ArtifactError(
-            f"{path} has no {SIDECAR}: it is not an edgekit export",
-            "export it first: edgekit export MODEL -o " + str(path),
-        )
+        raise ArtifactError(f"{path} has no {SIDECAR}: it is not an edgekit export", _export_hint(path))
     try:
         data = json.loads(sidecar.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -210,6 +207,14 @@ def read_sidecar(path: Path) -> dict[str, Any]:
             "re-export with this edgekit version",
         )
     return data
+
+
+def _export_hint(path: Path) -> str:
+    """How to make an export from ``path``: never an output path equal to an input."""
+    out = path.with_name(path.name + "-edgekit")
+    if (path / "config.json").is_file():  # a Hugging Face folder: it is the MODEL, not the output
+        return f"it looks like a Hugging Face model: export it first: edgekit export {path} -o {out}"
+    return f"export a model first: edgekit export MODEL -o {out}, then pass {out}"
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

@@ -14,9 +14,10 @@ from typing import Any
 from edgekit._files import atomic_dir, check_output, sha256_file
 from edgekit.build.plan import BuildPlan, BuildRefused, QuantOptions, make_plan
 from edgekit.profiles import load_profile
+from edgekit.quantize import Progress
 from edgekit.types import SCHEMA_VERSION, SIDECAR, ExportedGraph
 
-__all__ = ["BuildPlan", "BuildRefused", "QuantOptions", "build_engine", "plan_build"]
+__all__ = ["BuildPlan", "BuildRefused", "QuantOptions", "build_engine", "environment_problems", "plan_build"]
 
 
 def plan_build(export_dir: str | Path, profile: str | Path, runtime: str | None = None,
@@ -31,48 +32,60 @@ def plan_build(export_dir: str | Path, profile: str | Path, runtime: str | None 
 
 def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, runtime: str | None = None,
                  precision: str | None = None, force: bool = False, quant: QuantOptions | None = None,
-                 quality_text: str | Path | None = None) -> ExportedGraph:
+                 quality_text: str | Path | None = None, on_progress: Progress | None = None) -> ExportedGraph:
     """Build ``export_dir`` for ``profile`` into ``out``; returns the build, loadable like an export.
 
     ``quant`` picks weight-only quantization (default: the profile's, on CPU profiles, unless
     ``precision`` is given); it is applied to the optimized ONNX Runtime model. With
     ``quality_text`` the build's quality against the export's source model (PyTorch, fp32) is
     measured on that text and recorded in the sidecar as ``build.quality``.
+    ``on_progress(what, done, total)`` follows the long steps (total 0: a step of unknown length).
     """
+    progress = on_progress or (lambda what, done, total: None)
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, "build", inputs=[export_dir])
     plan = plan_build(export_dir, profile, runtime, precision, quant)
     graph = ExportedGraph.load(export_dir)
     _check_environment(plan)
-    with atomic_dir(out, force) as tmp:
-        built = _run_backend(graph, plan, tmp)
+    with atomic_dir(out, force, "build") as tmp:
+        built = _run_backend(graph, plan, tmp, progress)
         for name in graph.tokenizer_files:
             shutil.copy(graph.path / name, tmp / name)
         _write_sidecar(graph, plan, built, tmp)
         if quality_text is not None:
-            _record_quality(graph, tmp, quality_text)
+            _record_quality(graph, tmp, quality_text, progress)
     return ExportedGraph.load(out)
 
 
-def _record_quality(graph: ExportedGraph, out: Path, text: str | Path) -> None:
+def _record_quality(graph: ExportedGraph, out: Path, text: str | Path, progress: Progress) -> None:
     from edgekit.quality import measure_quality
 
-    report = measure_quality(out, graph.model.source, text)
+    report = measure_quality(out, graph.model.source, text, on_progress=progress)
     data = json.loads((out / SIDECAR).read_text())
     data["build"]["quality"] = report.to_dict()
     (out / SIDECAR).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _check_environment(plan: BuildPlan) -> None:
-    """GPU builds happen on the target: refuse a machine that lacks its GPU or runtime."""
+def environment_problems(plan: BuildPlan) -> list[str]:
+    """Why this machine cannot build ``plan``, one sentence each; empty when it can.
+
+    GPU builds happen on the target: they need its GPU and runtime. An ONNX Runtime CPU build
+    runs anywhere (a build for another CPU is made here and refused only where it runs).
+    """
     if plan.runtime == "ort-cpu":
-        return
+        return []
     from edgekit.doctor import detect, missing_requirements
 
     machine = detect()
     missing = missing_requirements(plan.requirements, machine)
     if plan.runtime == "ort-tensorrt" and machine.tensorrt_version and not machine.tensorrt_version.startswith("10."):
         missing.append(f"ONNX Runtime's TensorRT EP is built against TensorRT 10, found {machine.tensorrt_version}")
+    return missing
+
+
+def _check_environment(plan: BuildPlan) -> None:
+    """Refuse to start a build this machine cannot make."""
+    missing = environment_problems(plan)
     if missing:
         raise BuildRefused(
             f"cannot build {plan.runtime} for {plan.profile} on this machine: {'; '.join(missing)}",
@@ -80,7 +93,8 @@ def _check_environment(plan: BuildPlan) -> None:
         )
 
 
-def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path) -> dict[str, Any]:
+def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path, progress: Progress) -> dict[str, Any]:
+    progress(f"building {plan.runtime} for {plan.profile}", 0, 0)
     if plan.runtime == "tensorrt":
         from edgekit.runtimes import tensorrt
 
@@ -98,7 +112,7 @@ def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path) -> dict[str, 
         settings = QuantSettings(plan.quantization, plan.quant_method, plan.quant_block_size,
                                  plan.quant_accuracy_level, bool(plan.quant_lm_head), plan.calibration,
                                  bool(plan.quant_embeddings))
-        built["quantize"] = quantize_model(graph, out / plan.onnxruntime["model_file"], settings)
+        built["quantize"] = quantize_model(graph, out / plan.onnxruntime["model_file"], settings, progress)
     return {**built, "model_file": plan.onnxruntime["model_file"]}
 
 
@@ -108,7 +122,7 @@ def _edit_graph(model: Path, untie: bool) -> dict[str, Any]:
     from edgekit.build.graph_edits import edit_build
     from edgekit.errors import require
 
-    onnx = require("onnx", "export")
+    onnx = require("onnx", ("cpu", "gpu"))
     proto = onnx.load(str(model))
     done = edit_build(proto, untie=untie)
     for stale in model_files(model):

@@ -4,7 +4,7 @@
                                                  shared/ tokenizer files once, engines/<id>/...)
     FILE.edgepkg ─verify_bundle→ every member's sha256 and size, the schema, [the ed25519 signature]
     FILE.edgepkg ─open_bundle→ the engine that fits this machine, unpacked and checked into the cache
-                              (``$EDGEKIT_CACHE/bundles/<manifest sha256>/<engine id>``)
+                              (``$EDGEKIT_CACHE/bundles/<manifest sha256>/<engine id>``, see cache.py)
 
 Device side: nothing here imports torch, transformers or onnx; ``edgekit-llm[cpu]`` is enough.
 """
@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgekit.bundle.archive import Head, read_head, scan, write_bundle
-from edgekit.bundle.manifest import (MANIFEST, REPACKAGE, BundleError, Source, check_manifest, engine_members,
-                                     make_manifest)
+from edgekit.bundle.manifest import MANIFEST, REPACKAGE, BundleError, Source, check_manifest, make_manifest
 from edgekit.bundle.signing import check_signature, keygen, sign
 from edgekit.errors import did_you_mean
 
@@ -49,6 +46,12 @@ class BundleInfo:
     def engines(self) -> list[dict[str, Any]]:
         return self.manifest["engines"]
 
+    @property
+    def name(self) -> str:
+        """The model's name, as served: the manifest's (its source's), else the file's stem."""
+        name = self.manifest.get("name")
+        return name if isinstance(name, str) and name.strip() else self.path.stem
+
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "bytes": self.bytes, "manifest_sha256": self.manifest_sha256,
                 "signature": self.signature, "manifest": self.manifest}
@@ -65,7 +68,7 @@ def pack_bundle(paths: list[str | Path], out: str | Path, sign_with: str | Path 
     if out.suffix != SUFFIX:
         raise BundleError(f"output {out} does not end in {SUFFIX}", f"name it {out.name}{SUFFIX}: "
                           "`edgekit run` recognizes bundles by that suffix")
-    check_output(out, force)
+    check_output(out, force, "bundle", inputs=paths)
     folders = _distinct_folders(paths)
     manifest, members = make_manifest([Source(folder) for folder in folders], __version__)
     data = (json.dumps(manifest, indent=2) + "\n").encode()
@@ -109,9 +112,11 @@ def _signature_state(path: Path, head: Head, pubkey: str | Path | None) -> str:
 
 
 def inspect_bundle(path: str | Path) -> BundleInfo:
-    """Read a bundle's manifest (checked against the schema); no member is hashed."""
+    """Read a bundle's manifest (checked against the schema) and every member's header: a
+    member missing, unlisted, of the wrong size or cut short fails. No member is hashed."""
     path = Path(path)
-    head, manifest, _ = _read(path)
+    head, manifest, members = _read(path)
+    scan(path, members)
     return _info(path, head, manifest, _signature_state(path, head, None))
 
 
@@ -121,52 +126,23 @@ def verify_bundle(path: str | Path, pubkey: str | Path | None = None) -> BundleI
     path = Path(path)
     head, manifest, members = _read(path)
     state = _signature_state(path, head, pubkey)
-    scan(path, members, lambda member: None, hash_all=True)
+    scan(path, members, hash_also=lambda member: True)
     return _info(path, head, manifest, state)
 
 
 def open_bundle(path: str | Path, profile: str | None = None, pubkey: str | Path | None = None) -> Path:
     """Unpack the engine of ``path`` that fits this machine (or the one for ``profile``) into the
     cache, checking every file's sha256 on the way, and return its folder (loadable by
-    ``edgekit.runtimes.onnxruntime.open_session``). Later calls reuse the checked folder."""
+    ``edgekit.runtimes.onnxruntime.open_session``). Later calls with the same, unchanged file
+    reuse the checked folder; any other file is checked again (see ``edgekit.bundle.cache``)."""
+    from edgekit.bundle.cache import cached_engine
     from edgekit.presets import cache_dir
 
     path = Path(path)
     head, manifest, members = _read(path)
     _signature_state(path, head, pubkey)
     engine = choose_engine(manifest, path, profile)
-    folder = cache_dir() / "bundles" / hashlib.sha256(head.manifest).hexdigest() / engine["id"]
-    if not folder.is_dir():
-        _unpack(path, members, engine, folder)
-    return folder
-
-
-def _unpack(path: Path, members: dict[str, dict], engine: dict[str, Any], folder: Path) -> None:
-    """Write the engine's members into a temporary sibling of ``folder``; rename it once all check out."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{engine['id']}.", suffix=".tmp", dir=folder.parent)).resolve()
-    wanted = engine_members(engine)
-
-    def dest(member: str) -> Path | None:
-        if member not in wanted:
-            return None
-        target = tmp / wanted[member]
-        if not target.parent.resolve().is_relative_to(tmp):  # names were checked; this guards the folder
-            raise BundleError(f"{path}: member {member!r} would be written outside {tmp}", REPACKAGE)
-        return target
-
-    try:
-        scan(path, members, dest, hash_all=False)
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not folder.is_dir():  # else another process unpacked the same engine first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return cached_engine(path, members, engine, cache_dir() / "bundles" / hashlib.sha256(head.manifest).hexdigest())
 
 
 def choose_engine(manifest: dict[str, Any], bundle: Path, profile: str | None = None,

@@ -32,10 +32,13 @@ def keygen(keyfile: str | Path, force: bool = False) -> tuple[Path, Path]:
     """Write a new ed25519 private key to ``keyfile`` (PEM, 0600) and its public key to ``keyfile.pub``."""
     serialization, ed25519 = _crypto()
     keyfile, pubfile = Path(keyfile), public_key_path(keyfile)
-    for path in (keyfile, pubfile):
+    for path, marker in ((keyfile, b"-----BEGIN PRIVATE KEY-----"), (pubfile, b"-----BEGIN PUBLIC KEY-----")):
         if path.exists() and not force:
             raise OutputExistsError(f"key file {path} already exists",
                                     "pass --force to replace it, or choose another -o")
+        if path.exists() and not _is_pem(path, marker):
+            raise OutputExistsError(f"--force replaces only a PEM key file, and {path} is not one",
+                                    "choose another -o (edgekit never deletes what it did not write)")
     key = ed25519.Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -45,6 +48,15 @@ def keygen(keyfile: str | Path, force: bool = False) -> tuple[Path, Path]:
     _write(keyfile, private, 0o600)
     _write(pubfile, public, 0o644)
     return keyfile, pubfile
+
+
+def _is_pem(path: Path, marker: bytes) -> bool:
+    """Whether ``path`` is a file that starts like the PEM key ``keygen`` writes there."""
+    try:
+        with path.open("rb") as f:
+            return path.is_file() and not path.is_symlink() and f.read(len(marker)) == marker
+    except OSError:
+        return False
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from rich.markup import escape
+
 from edgekit.cli._output import console, quiet_libraries
 
 
@@ -36,10 +38,10 @@ def export(
     quiet_libraries()
     from edgekit.export import export_model
 
-    console.print(f"Exporting {model} ({target}, {dtype}{'' if quant == 'none' else ', ' + quant})...")
+    console.print(f"Exporting {escape(model)} ({target}, {dtype}{'' if quant == 'none' else ', ' + quant})...")
     graph = export_model(model, out, target=target, dtype=dtype, force=force, quant=quant, block_size=block_size,
                          in_memory=in_memory, progress=True)
     ops = ", ".join(graph.custom_ops) or "standard ONNX ops only"
     resumed = graph.weights.get("resumed_after", 0) if graph.weights else 0
     note = f", resumed after {resumed} tensors" if resumed else ""
-    console.print(f"[green]exported[/] {model} → {out}  ({graph.model.num_layers} layers, target {target}, {ops}{note})")
+    console.print(f"[green]exported[/] {escape(model)} → {escape(str(out))}  ({graph.model.num_layers} layers, target {target}, {ops}{note})")

@@ -7,16 +7,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
 
 from edgekit._files import check_output, resumable_dir
+from edgekit.errors import EdgekitError
+from edgekit.export.writer import journaled_tensors
 from edgekit.types import DTYPES, TARGETS, ExportedGraph, TensorSpec, check_choice
 
 QUANT_CHOICES = ("none", "int8", "int4")
 
 log = logging.getLogger(__name__)
+
+
+class ExportInterrupted(EdgekitError):
+    """Ctrl-C during an export; exits 130 like any interrupted command."""
+
+    exit_code = 130
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -46,7 +55,7 @@ def export_model(
     check_choice("dtype", dtype, DTYPES)
     check_choice("quant", quant, QUANT_CHOICES)
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, "export", inputs=[model] if Path(model).exists() else [])
     if quant != "none" and block_size is not None:
         from edgekit.quantize.stream import check_block_size
 
@@ -62,7 +71,7 @@ def export_model(
     generation = resolve.load_generation_config(folder)
     hf_model, source = _weights(folder, config, dtype, arch, in_memory)
     settings = {"target": target, "dtype": dtype, "quant": quant, "block_size": block_size}
-    with resumable_dir(out, force) as work:
+    with _interruptible(out), resumable_dir(out, force, "export", resumable=journaled_tensors) as work:
         onnx_model, figures = _build_graph(hf_model, arch, source, target, quant, block_size)
         written = _save(onnx_model, work / "model.onnx", [source.describe(), settings], progress)
         tokenizer_files = _copy_tokenizer(folder, work)
@@ -85,6 +94,20 @@ def export_model(
         )
         graph.save()
     return ExportedGraph.load(out)
+
+
+@contextlib.contextmanager
+def _interruptible(out: Path):
+    """Turn Ctrl-C into one line that says whether (and from where) a rerun resumes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        work = out.with_name(f".{out.name}.partial")
+        done = journaled_tensors(work) if work.is_dir() else 0
+        if done:
+            raise ExportInterrupted(f"interrupted; rerun the same command to resume from tensor {done + 1}",
+                                    f"{done} weight tensors are kept in {work}") from None
+        raise ExportInterrupted("interrupted before any weight was written; nothing was kept") from None
 
 
 def _weights(folder: Path, config, dtype: str, arch, in_memory: bool):

@@ -19,7 +19,9 @@ from typing import Any
 ALIGN = 4096  # page size: ONNX Runtime maps external data whose offset is page-aligned
 INLINE_BYTES = 1024  # smaller tensors stay in the protobuf
 JOURNAL = "weights.journal.json"
+# Fault injection for the resume tests: a real signal to this process after N tensors.
 _KILL_AFTER = int(os.environ.get("EDGEKIT_TEST_KILL_AFTER_TENSORS", "0"))
+_KILL_SIGNAL = getattr(signal, "SIG" + os.environ.get("EDGEKIT_TEST_KILL_SIGNAL", "KILL"))
 
 
 def write_weights(model: Any, folder: Path, data_name: str, identity: Any, progress: bool = True) -> dict[str, Any]:
@@ -50,8 +52,8 @@ def write_weights(model: Any, folder: Path, data_name: str, identity: Any, progr
             del blob
             _journal(folder, digest, index + 1)
             advance(length)
-            if index + 1 == _KILL_AFTER:  # fault injection for the resume test: a real kill, mid-export
-                os.kill(os.getpid(), signal.SIGKILL)
+            if index + 1 == _KILL_AFTER:
+                os.kill(os.getpid(), _KILL_SIGNAL)
         data.truncate(total)
     for value, _, offset, length in layout:
         tensor = value.const_value
@@ -89,6 +91,14 @@ def _resume_point(folder: Path, digest: str) -> int:
     except (OSError, ValueError):
         return 0
     return int(journal.get("done", 0)) if journal.get("plan") == digest else 0
+
+
+def journaled_tensors(folder: Path) -> int:
+    """How many tensors an interrupted write left complete in ``folder`` (0: nothing to resume)."""
+    try:
+        return int(json.loads((folder / JOURNAL).read_text()).get("done", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
 
 
 def _journal(folder: Path, digest: str, done: int) -> None:
