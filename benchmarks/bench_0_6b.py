@@ -56,7 +56,7 @@ def make_model(folder: Path) -> None:
     import torch
     import transformers
 
-    from edgekit.presets import TOKENIZER_DIR
+    from edgekit.export.presets import TOKENIZER_DIR
 
     print(f"# saving a random 0.6B Qwen3 to {folder}", flush=True)
     torch.manual_seed(0)

@@ -190,7 +190,7 @@ def write_checkpoint(folder: Path, config, seed: int = 0, max_shard_bytes: int =
     """Write a save_pretrained-style sharded bf16 checkpoint + tokenizer without holding it in memory; return bytes."""
     import transformers
 
-    from edgekit.presets import TOKENIZER_DIR
+    from edgekit.export.presets import TOKENIZER_DIR
 
     if folder.exists():
         shutil.rmtree(folder)

@@ -27,7 +27,7 @@ def main() -> None:
 
     from edgekit.export import export_model
     from edgekit.generate import generate
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
     from edgekit.runtimes.torch import TorchSession, load_reference
 
     torch.set_num_threads(args.threads)
@@ -35,7 +35,7 @@ def main() -> None:
     sessions = {"torch eager": TorchSession(load_reference(args.model))}
     for target in ("ort", "portable"):
         export_model(args.model, tmp / target, target=target)
-        sessions[f"edgekit {target}"] = open_session(tmp / target, threads=args.threads)
+        sessions[f"edgekit {target}"] = open_engine(tmp / target, threads=args.threads)
     prompt = list(range(1, args.prompt_length + 1))
     rates: dict[str, list[float]] = {name: [] for name in sessions}
     ttft: dict[str, list[float]] = {name: [] for name in sessions}

@@ -54,7 +54,7 @@ def main() -> None:
 
     from edgekit.export import export_model
     from edgekit.export.resolve import resolve_model
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
     from edgekit.runtimes.torch import TorchSession, load_reference
 
     torch.set_num_threads(args.threads)
@@ -62,7 +62,7 @@ def main() -> None:
     sessions = {}
     for target in ("ort", "portable", "decomposed"):
         export_model(args.model, tmp / target, target=target)
-        sessions[f"edgekit {target}"] = open_session(tmp / target, threads=args.threads)
+        sessions[f"edgekit {target}"] = open_engine(tmp / target, threads=args.threads)
     sessions["torch eager"] = TorchSession(load_reference(args.model))
     genai = genai_builder(args.genai_python, resolve_model(args.model), tmp / "genai")
     prompt = np.random.default_rng(0).integers(1, 2048, size=512).tolist()

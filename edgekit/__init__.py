@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["export_model", "open_session", "validate", "__version__"]
+__all__ = ["export_model", "open_engine", "validate", "__version__"]
 
 
 def __getattr__(name: str):
@@ -16,10 +16,10 @@ def __getattr__(name: str):
         from edgekit.export import export_model
 
         return export_model
-    if name == "open_session":
-        from edgekit.runtimes.onnxruntime import open_session
+    if name == "open_engine":
+        from edgekit.runtimes.registry import open_engine
 
-        return open_session
+        return open_engine
     if name == "validate":
         from edgekit.validate import validate
 

@@ -80,13 +80,20 @@ def _aside(out: Path) -> Path:
 
 def _replace(out: Path, new: Path) -> None:
     """Put ``new`` at ``out``; an old ``out`` (checked by ``check_output``) is removed after."""
-    if out.exists():
-        old = _aside(out)
-        out.rename(old)
+    if not out.exists() and not out.is_symlink():
         new.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        return
+    old = _aside(out)
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)  # put the previous output back rather than leave it under a hidden name
+        raise
+    if old.is_symlink():
+        old.unlink()
     else:
-        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -136,6 +143,11 @@ def resumable_dir(out: str | Path, force: bool = False, kind: str | None = None,
         raise
     check_output(out, force, kind)
     _replace(out, work)
+
+
+def cache_dir() -> Path:
+    """edgekit's own cache: materialized presets, unpacked bundles (``EDGEKIT_CACHE``)."""
+    return Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
 
 
 def model_files(model: Path) -> list[Path]:

@@ -380,10 +380,20 @@ def _need_flags(flags: list[str], machine: Machine) -> str | None:
 
 
 def _need_compute(capability: str, machine: Machine) -> str | None:
-    if any(g.compute_capability == str(capability) for g in machine.gpus):
+    # "8.9": that architecture exactly (a plan's kernels are built for it); ">=8.0": a floor (a
+    # TensorRT plan built hardware-compatible for Ampere and newer).
+    capability = str(capability)
+    floor = _version_tuple(capability[2:]) if capability.startswith(">=") else None
+    if any(_version_tuple(g.compute_capability) >= floor if floor else g.compute_capability == capability
+           for g in machine.gpus):
         return None
     found = ", ".join(f"{g.compute_capability} ({g.name})" for g in machine.gpus) or "none"
-    return f"needs an NVIDIA GPU of compute capability {capability}, found {found}"
+    wanted = f"{capability[2:]} or newer" if floor else capability
+    return f"needs an NVIDIA GPU of compute capability {wanted}, found {found}"
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(text).split(".") if p.isdigit())
 
 
 def _need_tensorrt(version: str, machine: Machine) -> str | None:

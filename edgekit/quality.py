@@ -1,7 +1,7 @@
 """``measure_quality``: how much a (quantized) engine loses against the fp32 PyTorch reference.
 
     text ─export's tokenizer→ ids[:max_tokens] ─windows of `window` tokens→
-        engine  (OrtSession.forward, teacher-forced)  → logits (W, vocab) ┐
+        engine  (session.forward, teacher-forced)  → logits (W, vocab) ┐
         reference (TorchSession.forward, fp32)        → logits (W, vocab) ┴→ perplexity of each,
                                                                               top-1 agreement, KL(ref ‖ engine)
 
@@ -58,13 +58,13 @@ def measure_quality(path: str | Path, reference: str, text_file: str | Path, max
     ``on_progress(what, done, total)`` is called before the models load and after each window.
     """
     progress = on_progress or (lambda what, done, total: None)
-    from edgekit.runtimes.onnxruntime import OrtSession
+    from edgekit.runtimes.registry import open_engine
     from edgekit.runtimes.torch import TorchSession, load_reference
 
     graph = ExportedGraph.load(path)
     windows = _windows(_token_ids(graph, Path(text_file), max_tokens), min(window, graph.model.max_position_embeddings))
     progress("loading the engine and the reference", 0, len(windows))
-    engine, ref = OrtSession(graph), TorchSession(load_reference(reference))
+    engine, ref = open_engine(path), TorchSession(load_reference(reference))
     sums = np.zeros(4)  # engine NLL, reference NLL, top-1 agreements, KL; summed over predicted tokens
     count = 0
     for done, ids in enumerate(windows, 1):

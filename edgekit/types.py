@@ -115,8 +115,7 @@ class ExportedGraph:
     tokenizer_files: tuple[str, ...] = ()
     quantization: dict[str, Any] | None = None  # weights quantized at export (edgekit export --quant)
     weights: dict[str, Any] | None = None  # how the export wrote them: tensors, bytes, resumed_after
-    kind: str = field(default="export")
-    build: dict[str, Any] | None = None  # set when ``path`` is a build folder (edgekit build)
+    kind: str = field(default="export")  # "build" when ``path`` is a build folder: see ``Engine``
 
     @property
     def model_path(self) -> Path:
@@ -125,7 +124,6 @@ class ExportedGraph:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("path")
-        data.pop("build")
         return {"schema_version": SCHEMA_VERSION, **data}
 
     def save(self) -> None:
@@ -138,17 +136,16 @@ class ExportedGraph:
         """Read an export folder, or a build folder (which embeds its export's contract)."""
         path = Path(path)
         data = read_sidecar(path)
-        build = None
-        if data.get("kind") == "build":
-            build, model_file = data.get("build"), (data.get("build") or {}).get("model_file")
-            data = {**data.get("export", {}), "model_file": model_file}
-        elif data.get("kind") != "export":
+        kind = data.get("kind")
+        if kind == "build":  # the export's contract, with the engine's model file
+            data = {**data.get("export", {}), "model_file": (data.get("build") or {}).get("model_file")}
+        elif kind != "export":
             raise ArtifactError(
                 f"{path} is a {data.get('kind')!r} folder, not an export or a build",
                 "pass a folder written by `edgekit export` or `edgekit build`",
             )
         try:
-            graph = cls._from_dict(path, data, build)
+            graph = cls._from_dict(path, data, kind)
         except (KeyError, TypeError) as exc:
             raise ArtifactError(
                 f"{path / SIDECAR} is malformed ({type(exc).__name__}: {exc})",
@@ -161,7 +158,7 @@ class ExportedGraph:
         return graph
 
     @classmethod
-    def _from_dict(cls, path: Path, data: dict[str, Any], build: dict[str, Any] | None) -> "ExportedGraph":
+    def _from_dict(cls, path: Path, data: dict[str, Any], kind: str) -> "ExportedGraph":
         return cls(
             path=path,
             model=ModelSpec(**_tuples(data["model"], ("eos_token_ids",))),
@@ -179,8 +176,60 @@ class ExportedGraph:
             tokenizer_files=tuple(data["tokenizer_files"]),
             quantization=data.get("quantization"),
             weights=data.get("weights"),
-            build=build,
+            kind=kind,
         )
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What a runtime opens: a build folder (``edgekit build``), or an export run as it is on
+    ONNX Runtime's CPU provider.
+
+    ``graph`` is the export's I/O contract with this folder's model file; ``details`` is the whole
+    ``build`` section of the sidecar as written, where each runtime keeps its own settings
+    (``onnxruntime``: providers and options; ``tensorrt``: the plan file and ShapeProfile).
+    """
+
+    path: Path
+    graph: ExportedGraph
+    kind: str  # "build" | "export"
+    runtime: str
+    profile: str | None
+    precision: str
+    quantization: str
+    requirements: dict[str, Any]
+    source_export: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    bench: dict[str, Any] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Engine":
+        """Read a build folder, or an export folder (which runs as an ``ort-cpu`` engine)."""
+        graph = ExportedGraph.load(path)
+        if graph.kind == "export":
+            quant = (graph.quantization or {}).get("quantization", "none")
+            return cls(graph.path, graph, "export", EXPORT_RUNTIME, None, graph.dtype, quant, {"device": "cpu"})
+        build = read_sidecar(graph.path).get("build")
+        try:
+            return cls(graph.path, graph, "build", build["runtime"], build["profile"], build["precision"],
+                       build.get("quantization", "none"), build["requirements"], build.get("source_export"), build.get("quality"),
+                       build.get("bench"), build)
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(
+                f"{graph.path / SIDECAR} is a build this edgekit cannot read ({type(exc).__name__}: {exc})",
+                f"rebuild it: edgekit build EXPORT_DIR --profile {(build or {}).get('profile', 'PROFILE')} "
+                f"-o {graph.path} --force",
+            ) from None
+
+    @property
+    def quantized(self) -> str | None:
+        """'int4', 'int8' or 'fp8' when the export or this build quantized the weights, else None."""
+        recorded = ((self.graph.quantization or {}).get("quantization"), self.quantization, self.precision)
+        return next((q for q in recorded if q in ("int4", "int8", "fp8")), None)
+
+
+EXPORT_RUNTIME = "ort-cpu"  # an export folder runs as it is on ONNX Runtime's CPU provider
 
 
 def _tuples(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

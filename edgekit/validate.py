@@ -55,12 +55,13 @@ def validate(
     Quantized weights are refused unless ``tolerance`` is given: their logits differ by design
     (``measure_quality`` is the check for them).
     """
-    from edgekit.runtimes.onnxruntime import OrtSession
+    from edgekit.runtimes.registry import open_engine
+    from edgekit.types import Engine
 
     if prompt_length < 1 or steps < 1:
         raise EdgekitError("--prompt-length and --steps must be >= 1", "e.g. --prompt-length 16 --steps 32")
-    graph = ExportedGraph.load(path)
-    quant = quantization_of(graph)
+    engine = Engine.load(path)
+    graph, quant = engine.graph, engine.quantized
     if quant is not None and tolerance is None:
         raise EdgekitError(
             f"{path} has {quant} weights: they change the logits by design, so comparing logits with "
@@ -71,19 +72,12 @@ def validate(
     vocab = graph.model.vocab_size
     prompt = np.random.default_rng(seed).integers(1, vocab, size=prompt_length).tolist()
     ref_logits, ref_tokens = _reference(reference, prompt, steps)
-    session = OrtSession(graph)
+    session = open_engine(path)
     session.reset(prompt_length + steps)
     got = [session.forward(prompt)]
     for token in ref_tokens[:-1]:
         got.append(session.forward([token]))
     return _compare(graph, np.concatenate(got), ref_logits, prompt_length, tolerance)
-
-
-def quantization_of(graph: ExportedGraph) -> str | None:
-    """'int4', 'int8' or 'fp8' when the export or its build quantized the model, else None."""
-    build = graph.build or {}
-    recorded = ((graph.quantization or {}).get("quantization"), build.get("quantization"), build.get("precision"))
-    return next((q for q in recorded if q in ("int4", "int8", "fp8")), None)
 
 
 def check_reference(graph: ExportedGraph, reference: str) -> None:

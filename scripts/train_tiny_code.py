@@ -1,6 +1,6 @@
 """Train the ``tiny-code`` preset: a small Qwen3 on Python standard-library source, reproducibly.
 
-    python scripts/train_tiny_code.py [--out edgekit/presets/tiny-code] [--steps 300]
+    python scripts/train_tiny_code.py [--out edgekit/export/presets/tiny-code] [--steps 300]
 
 The data is this interpreter's standard library: top-level ``*.py`` files in sorted order, minus
 HELDOUT, tokenized with the preset tokenizer. Windows are drawn with a fixed seed on one thread

@@ -36,7 +36,7 @@ def hf_folder(tmp_path_factory):
     import transformers
 
     from edgekit.export.archs import families
-    from edgekit.presets import TOKENIZER_DIR
+    from edgekit.export.presets import TOKENIZER_DIR
 
     made: dict[str, Path] = {}
 

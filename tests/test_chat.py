@@ -7,14 +7,14 @@ import pytest
 
 from edgekit.chat import Conversation, load_chat_template
 from edgekit.generate import generate
-from edgekit.runtimes.onnxruntime import open_session
+from edgekit.runtimes.registry import open_engine
 from edgekit.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("architecture", ["Qwen3_5ForCausalLM", "LlamaForCausalLM"])
 def test_turns_continue_the_cache(exported, architecture):
     path = exported(architecture, "ort")
-    session = open_session(path)
+    session = open_engine(path)
     tokenizer = load_tokenizer(session.graph, required=True)
     chat = Conversation(session, tokenizer, load_chat_template(session.graph), max_new_tokens=8)
     first = chat.send("def add(a, b):")
@@ -28,7 +28,7 @@ def test_turns_continue_the_cache(exported, architecture):
     assert chat.ids[: len(history)] == history and len(chat.ids) == session.length
     # A fresh session fed the whole conversation at once generates the same second reply.
     prompt = chat.ids[: held + second.prefilled_tokens]
-    again = generate(open_session(path), prompt, len(second.generation.token_ids), eos_ids=chat.stop_ids)
+    again = generate(open_engine(path), prompt, len(second.generation.token_ids), eos_ids=chat.stop_ids)
     assert again.token_ids == second.generation.token_ids
 
 
@@ -70,7 +70,7 @@ LONG_TURN = "def add(a, b): return a + b; " * 38  # about 450 tokens: two of the
 
 def test_a_turn_that_outgrows_the_context_drops_the_oldest_exchange(exported):
     path = exported("LlamaForCausalLM", "ort")
-    session = open_session(path)
+    session = open_engine(path)
     tokenizer = load_tokenizer(session.graph, required=True)
     chat = Conversation(session, tokenizer, load_chat_template(session.graph), max_new_tokens=200)
     context = session.graph.model.max_position_embeddings
@@ -86,7 +86,7 @@ def test_a_turn_that_outgrows_the_context_drops_the_oldest_exchange(exported):
     assert session.length == len(chat.ids) == second.prefilled_tokens + len(second.generation.token_ids) - 1
     assert session.length + 1 <= context
     # Same reply as a fresh session fed the remaining conversation alone.
-    again = generate(open_session(path), chat.ids[: second.prefilled_tokens], 200, eos_ids=chat.stop_ids)
+    again = generate(open_engine(path), chat.ids[: second.prefilled_tokens], 200, eos_ids=chat.stop_ids)
     assert again.token_ids == second.generation.token_ids
 
 
@@ -94,7 +94,7 @@ def test_a_message_too_long_for_the_context_is_refused_and_not_kept(exported):
     from edgekit.errors import EdgekitError
 
     path = exported("LlamaForCausalLM", "ort")
-    session = open_session(path)
+    session = open_engine(path)
     chat = Conversation(session, load_tokenizer(session.graph, required=True), load_chat_template(session.graph),
                         max_new_tokens=8)
     chat.send("hello")

@@ -204,6 +204,8 @@ def test_missing_requirements_empty_when_it_fits():
     assert missing_requirements({}, machine()) == []
     assert missing_requirements({"device": "cpu", "cpu_flags": ["avx2"]}, machine()) == []
     assert missing_requirements({"tensorrt": ">=10.3"}, orin) == []
+    assert missing_requirements({"compute_capability": ">=8.0"}, orin) == []  # a hardware-compatible plan
+    assert missing_requirements({"compute_capability": ">=8.0"}, machine(gpus=(Gpu("H200", "9.0", 139.8),))) == []
     assert missing_requirements({"tensorrt": ">=10.15"}, Machine(**{**orin.__dict__, "tensorrt_version": "10.16.0"})) == []
 
 
@@ -212,6 +214,8 @@ def test_missing_requirements_empty_when_it_fits():
     ({"compute_capability": "8.9"}, machine(), "needs an NVIDIA GPU of compute capability 8.9, found none"),
     ({"compute_capability": "8.9"}, machine(gpus=(Gpu("Orin", "8.7", 8.0),)),
      "needs an NVIDIA GPU of compute capability 8.9, found 8.7 (Orin)"),
+    ({"compute_capability": ">=8.0"}, machine(gpus=(Gpu("Tesla T4", "7.5", 15.0),)),
+     "needs an NVIDIA GPU of compute capability 8.0 or newer, found 7.5 (Tesla T4)"),
     ({"tensorrt": "10.3"}, machine(), "needs TensorRT 10.3, found none"),
     ({"tensorrt": "10.3"}, machine(tensorrt_version="10.0.1.6"), "needs TensorRT 10.3, found 10.0.1.6"),
     ({"tensorrt": "10.3"}, machine(tensorrt_version="10.4.0"), "needs TensorRT 10.3, found 10.4.0"),

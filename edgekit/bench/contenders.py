@@ -22,7 +22,7 @@ from edgekit._files import model_bytes
 from edgekit.bench.metrics import MemoryTracker, StepClock
 from edgekit.bench.peer_worker import KINDS, Worker
 from edgekit.errors import ConfigError, EdgekitError, did_you_mean
-from edgekit.types import ExportedGraph
+from edgekit.types import Engine, ExportedGraph
 
 WORKER = Path(__file__).with_name("peer_worker.py")
 GENAI_VARIANTS = ("fp32", "fp16", "bf16", "int8", "int4")  # what its model builder takes
@@ -104,11 +104,14 @@ class SessionContender:
         return self.tracker.summary()
 
     def close(self) -> None:
+        close = getattr(self.session, "close", None)  # a TensorRT session frees its device memory
+        if close is not None:
+            close()
         self.session = None
 
 
 class EdgekitContender(SessionContender):
-    """edgekit's ONNX Runtime session on an export or build folder.
+    """edgekit's session on an export or build folder, on the engine's own runtime.
 
     ``wrap(session)`` may return a stand-in with the same ``reset`` / ``forward`` (tests use one
     that sleeps a known time per step).
@@ -117,23 +120,23 @@ class EdgekitContender(SessionContender):
     def __init__(self, path: str | Path, threads: int | None = None, name: str = "edgekit",
                  wrap: Callable[[Any], Any] | None = None):
         self.path, self.threads, self.wrap = Path(path), threads, wrap
-        super().__init__(name, device=_uses_gpu(ExportedGraph.load(path)))
+        super().__init__(name, device=_uses_gpu(Engine.load(path)))
 
     def _open(self) -> tuple[Any, int | None, str]:
-        from edgekit.runtimes.onnxruntime import open_session
+        from edgekit.runtimes.registry import open_engine
 
-        session = open_session(self.path, threads=self.threads)
-        graph = session.graph
-        quant = (graph.build or {}).get("quantization")
-        weights = quant if quant and quant != "none" else graph.dtype
-        detail = (f"edgekit {graph.target} {weights}{' build' if graph.build else ''}, onnxruntime "
-                  f"{session.ort.__version__} {session.providers[0].removesuffix('ExecutionProvider')}")
-        return (self.wrap(session) if self.wrap else session), model_bytes(graph.model_path), detail
+        session = open_engine(self.path, threads=self.threads)
+        engine = Engine.load(self.path)
+        weights = engine.quantized or engine.graph.dtype
+        detail = (f"edgekit {engine.graph.target} {weights}{' build' if engine.kind == 'build' else ''}, "
+                  f"{session.describe().removesuffix('ExecutionProvider')}")
+        return (self.wrap(session) if self.wrap else session), model_bytes(engine.graph.model_path), detail
 
 
-def _uses_gpu(graph: ExportedGraph) -> bool:
-    providers = ((graph.build or {}).get("onnxruntime") or {}).get("providers") or ["CPUExecutionProvider"]
-    return providers[0] != "CPUExecutionProvider"
+def _uses_gpu(engine: Engine) -> bool:
+    from edgekit.runtimes.registry import get_runtime
+
+    return get_runtime(engine.runtime).device == "gpu"
 
 
 class TorchContender(SessionContender):
@@ -243,7 +246,7 @@ def _local_model(source: str) -> Path:
 
 
 def _default_work_dir() -> Path:
-    from edgekit.presets import cache_dir
+    from edgekit._files import cache_dir
 
     return cache_dir() / "bench"
 

@@ -133,16 +133,32 @@ def verify_bundle(path: str | Path, pubkey: str | Path | None = None) -> BundleI
 def open_bundle(path: str | Path, profile: str | None = None, pubkey: str | Path | None = None) -> Path:
     """Unpack the engine of ``path`` that fits this machine (or the one for ``profile``) into the
     cache, checking every file's sha256 on the way, and return its folder (loadable by
-    ``edgekit.runtimes.onnxruntime.open_session``). Later calls with the same, unchanged file
+    ``edgekit.runtimes.registry.open_engine``). Later calls with the same, unchanged file
     reuse the checked folder; any other file is checked again (see ``edgekit.bundle.cache``)."""
     from edgekit.bundle.cache import cached_engine
-    from edgekit.presets import cache_dir
+    from edgekit._files import cache_dir
 
     path = Path(path)
     head, manifest, members = _read(path)
     _signature_state(path, head, pubkey)
     engine = choose_engine(manifest, path, profile)
-    return cached_engine(path, members, engine, cache_dir() / "bundles" / hashlib.sha256(head.manifest).hexdigest())
+    root = cache_dir() / "bundles" / hashlib.sha256(head.manifest).hexdigest()
+    if engine.get("refit_files"):  # its weights are the bundle's export: unpacked beside it, where it refits from
+        cached_engine(path, members, _weights_engine(manifest, engine, path), root)
+    return cached_engine(path, members, engine, root)
+
+
+def _weights_engine(manifest: dict[str, Any], engine: dict[str, Any], bundle: Path) -> dict[str, Any]:
+    """The engine of the bundle whose files are the ones a weight-stripped plan refits from."""
+    def holds(candidate: dict[str, Any]) -> bool:
+        files = {e["path"]: e["sha256"] for e in candidate["files"]}
+        return all(files.get(name) == want["sha256"] for name, want in engine["refit_files"].items())
+
+    found = next((e for e in manifest["engines"] if e is not engine and holds(e)), None)
+    if found is None:
+        raise BundleError(f"{bundle}: engine {engine['id']} is a plan without its weights, and no engine in the "
+                          "bundle holds them", "package the export it was built from into the same bundle")
+    return found
 
 
 def choose_engine(manifest: dict[str, Any], bundle: Path, profile: str | None = None,
@@ -178,12 +194,9 @@ def _engines_for(manifest: dict[str, Any], bundle: Path, profile: str) -> list[d
 
 def engine_missing(engine: dict[str, Any], machine: Any) -> list[str]:
     """What ``machine`` lacks to run ``engine``, one sentence each; empty when it fits."""
-    from edgekit.doctor import missing_requirements
+    from edgekit.runtimes.registry import engine_missing as missing
 
-    missing = missing_requirements(engine["requirements"], machine)
-    if engine["runtime"] == "tensorrt" and not missing:
-        missing = ["it is a native TensorRT plan, which `edgekit run` does not drive yet"]
-    return missing
+    return missing(engine["runtime"], engine["requirements"], machine)
 
 
 def _refusal(bundle: Path, manifest: dict[str, Any], engines: list[dict], missing: dict[str, list[str]],

@@ -23,7 +23,7 @@ from typing import Any
 
 from edgekit._files import sha256_file  # noqa: F401  (used below, re-exported)
 from edgekit.errors import EdgekitError
-from edgekit.types import ExportedGraph, read_sidecar
+from edgekit.types import EXPORT_RUNTIME, ExportedGraph, read_sidecar
 
 SCHEMA_VERSION = 1
 FORMAT = "edgekit-bundle"
@@ -81,7 +81,7 @@ class Source:
         self.model = {k: v for k, v in export["model"].items() if k != "source"}
         self.name = model_name(export["model"].get("source"))
         self.shared = sorted(name for name in graph.tokenizer_files if (folder / name).is_file())
-        self.engine = _build_entry(data) if graph.build is not None else _export_entry(export)
+        self.engine = _build_entry(data) if graph.kind == "build" else _export_entry(export)
         self.engine.update({k: v for source in (data, data.get("build") or {}) for k, v in source.items()
                             if k in FIGURES and v is not None})
         self.files = _engine_files(folder, set(self.shared))
@@ -97,6 +97,7 @@ def _build_entry(data: dict[str, Any]) -> dict[str, Any]:
         "edgekit_version": build.get("edgekit_version") or export["versions"].get("edgekit"),
         "onnxruntime_version": build.get("onnxruntime_version"), "tensorrt_version": build.get("tensorrt_version"),
         "source_export": build.get("source_export"),
+        "refit_files": build.get("refit_files"),  # a weight-stripped plan: the weights it refits from
     }
     return {k: v for k, v in entry.items() if v is not None}
 
@@ -104,7 +105,7 @@ def _build_entry(data: dict[str, Any]) -> dict[str, Any]:
 def _export_entry(export: dict[str, Any]) -> dict[str, Any]:
     # An export runs as it is on ONNX Runtime's CPU provider, on any CPU.
     return {
-        "kind": "export", "profile": None, "runtime": "ort-cpu", "precision": export["dtype"],
+        "kind": "export", "profile": None, "runtime": EXPORT_RUNTIME, "precision": export["dtype"],
         "quantization": "none", "export_target": export["target"], "dtype": export["dtype"],
         "model_file": export["model_file"], "requirements": {"device": "cpu"},
         "edgekit_version": export["versions"].get("edgekit"),

@@ -14,14 +14,24 @@ from edgekit.cli._output import console, print_json
 from edgekit.errors import EdgekitError
 
 if TYPE_CHECKING:  # the CLI imports stages when a command runs, not for --help
-    from edgekit.build import BuildPlan
+    from edgekit.engines import BuildPlan
+
+
+def _runtime_choices() -> list[str]:
+    from edgekit.runtimes.registry import runtime_names, runtimes
+
+    # The package's own runtimes: a broken EDGEKIT_RUNTIMES file is reported when a build needs it,
+    # not while --help is being written.
+    names = runtime_names(extras=False)
+    families = {r.family for r in runtimes(extras=False).values()} - set(names)  # aliases such as "ort"
+    return sorted(families) + names
 
 
 def build(
     export_dir: Path = typer.Argument(..., help="An export folder (edgekit export)."),
     profile: str = typer.Option(..., "--profile", help="A profile name (edgekit profiles list) or a .toml path."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (not needed with --dry-run)."),
-    runtime: str = typer.Option(None, "--runtime", help="ort | ort-cpu | ort-cuda | ort-tensorrt | tensorrt (default: the profile's first)."),
+    runtime: str = typer.Option(None, "--runtime", help=f"{' | '.join(_runtime_choices())} (default: the profile's first)."),
     precision: str = typer.Option(None, "--precision", help="fp32 | fp16 | bf16 | fp8 | int8 (default: the profile's)."),
     quant: str = typer.Option(None, "--quant", help="none | int8 | int4 weight-only (default: the profile's on CPU profiles, unless --precision is given)."),
     quant_method: str = typer.Option(None, "--quant-method", help="int4: rtn (default) | gptq (needs --calibration)."),
@@ -32,17 +42,20 @@ def build(
     quality: Path = typer.Option(None, "--quality", help="Measure perplexity / top-1 agreement / KL against the source model on this text; recorded in the sidecar."),
     dry_run: bool = typer.Option(False, "--dry-run", help=(
         "Print the checked build plan and whether this machine can build it; build nothing.")),
+    strip_weights: bool = typer.Option(False, "--strip-weights", help=(
+        "TensorRT: a plan without its weights, refitted at load from the export (one copy of the weights "
+        "serves plans for several GPUs in a bundle).")),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON: the build's sidecar (with --dry-run: the plan)."),
 ) -> None:
     """Compile an export for a hardware profile: ONNX Runtime sessions or a TensorRT plan."""
-    from edgekit.build import QuantOptions, build_engine, environment_problems, plan_build
+    from edgekit.engines import QuantOptions, build_engine, environment_problems, plan_build
     from edgekit.cli._progress import progress_bar
 
     q = QuantOptions(quant, quant_method, block_size, quant_lm_head, str(calibration) if calibration else None,
                      quant_embeddings)
     if dry_run:
-        plan = plan_build(export_dir, profile, runtime, precision, q)
+        plan = plan_build(export_dir, profile, runtime, precision, q, strip_weights)
         problems = environment_problems(plan)
         if json_out:
             print_json({**plan.to_dict(), "buildable_here": not problems, "not_buildable_because": problems})
@@ -52,12 +65,12 @@ def build(
     if out is None:
         raise EdgekitError("--out is required unless --dry-run", "e.g. -o builds/my-model-l4")
     with progress_bar(enabled=not json_out) as progress:
-        graph = build_engine(export_dir, profile, out, runtime=runtime, precision=precision, force=force, quant=q,
-                             quality_text=quality, on_progress=progress)
+        engine = build_engine(export_dir, profile, out, runtime=runtime, precision=precision, force=force, quant=q,
+                              quality_text=quality, on_progress=progress, strip_weights=strip_weights)
     if json_out:
-        print_json(graph.build)
+        print_json(engine.details)
         return
-    b = graph.build
+    b = engine.details
     quantized = f", {b['quantization']} {b.get('quant_method') or ''}".rstrip() if b.get("quantization", "none") != "none" else ""
     console.print(f"[green]built[/] {escape(str(export_dir))} → {escape(str(out))}  ({b['runtime']}, "
                   f"{b['precision']}{quantized}, profile {escape(b['profile'])}, {b['memory']['total_bytes'] / 1e6:.1f} MB planned)")

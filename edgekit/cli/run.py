@@ -1,4 +1,4 @@
-"""``edgekit run PATH --prompt TEXT``: streaming generation on ONNX Runtime."""
+"""``edgekit run PATH --prompt TEXT``: streaming generation on the engine's runtime."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from edgekit.cli._output import console, json_errors, print_json
 from edgekit.errors import EdgekitError
@@ -21,7 +22,7 @@ def run(
     top_k: int = typer.Option(None, "--top-k", help="Sample among the K most likely tokens."),
     top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass."),
     seed: int = typer.Option(None, "--seed", help="Random seed for sampling."),
-    threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads of the runtime (ONNX Runtime's intra-op threads; default: all cores)."),
     json_out: bool = typer.Option(False, "--json", help="Print token ids, text and timings as JSON."),
     profile: str = typer.Option(None, "--profile", help="With a bundle: this profile's engine, not the best fit."),
     chat: bool = typer.Option(False, "--chat", help="Converse turn by turn on stdin; the cache persists between turns."),
@@ -45,8 +46,8 @@ def run(
 
 
 def _open(path: Path, profile: str | None, threads: int | None, mmap: bool | None):
-    """The ONNX Runtime session of an export, a build, or a bundle's fitting engine."""
-    from edgekit.runtimes.onnxruntime import open_session
+    """The session of an export, a build, or a bundle's fitting engine, on its runtime."""
+    from edgekit.runtimes.registry import open_engine
 
     if path.suffix == ".edgepkg":
         from edgekit.bundle import open_bundle
@@ -54,8 +55,8 @@ def _open(path: Path, profile: str | None, threads: int | None, mmap: bool | Non
         path = open_bundle(path, profile=profile)  # the fitting engine, unpacked and checked
     elif profile is not None:
         raise EdgekitError("--profile applies to bundles (FILE.edgepkg)", "pass a .edgepkg file, or drop --profile")
-    session = open_session(path, threads=threads, memory_map=mmap)
-    if session.memory_mapped and mmap is None:
+    session = open_engine(path, threads=threads, memory_map=mmap)
+    if getattr(session, "memory_mapped", False) and mmap is None:
         console.print("[yellow]note:[/] the weights exceed 80% of available memory: they stay memory-mapped "
                       "(ONNX Runtime prepacking off; int4 decode is much slower this way)")
     return session
@@ -79,7 +80,7 @@ def _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out) -
         print_json({
             "token_ids": result.token_ids, "text": text, "prompt_tokens": result.prompt_tokens,
             "ttft_ms": result.ttft_ms, "decode_tokens_per_s": result.decode_tokens_per_s,
-            "stopped_by": result.stopped_by, "provider": session.providers[0],
+            "stopped_by": result.stopped_by, "runtime": session.describe(),
         })
         return
     if stream is None:
@@ -87,7 +88,7 @@ def _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out) -
     sys.stdout.write("\n")
     console.print(
         f"[dim]{len(result.token_ids)} tokens · first token {result.ttft_ms:.1f} ms · "
-        f"decode {result.decode_tokens_per_s:.1f} tok/s · {session.providers[0]}[/]"
+        f"decode {result.decode_tokens_per_s:.1f} tok/s · {escape(session.describe())}[/]"
     )
 
 

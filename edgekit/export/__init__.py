@@ -57,7 +57,7 @@ def export_model(
     out = Path(out)
     check_output(out, force, "export", inputs=[model] if Path(model).exists() else [])
     if quant != "none" and block_size is not None:
-        from edgekit.quantize.stream import check_block_size
+        from edgekit.export.quantize import check_block_size
 
         check_block_size(block_size)
     require("torch", "export")
@@ -137,7 +137,7 @@ def _build_graph(hf_model, arch, source, target: str, quant: str, block_size: in
     lazy.fold(onnx_model)
     figures = None
     if quant != "none":
-        from edgekit.quantize.stream import quantize_graph
+        from edgekit.export.quantize import quantize_graph
 
         figures = quantize_graph(onnx_model, quant, block_size)
     return onnx_model, figures

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import ConfigError, ModelNotFoundError, did_you_mean
-from edgekit.presets import PRESETS, materialize
+from edgekit.export.presets import PRESETS, materialize
 
 
 def resolve_model(model: str) -> Path:

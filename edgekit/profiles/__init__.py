@@ -22,7 +22,6 @@ PROFILE_DIR = Path(__file__).parent
 DEVICES = ("cpu", "gpu", "jetson")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 QUANTIZATIONS = ("none", "int8", "int4")
-RUNTIMES = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
 HW_COMPAT = ("none", "ampere_plus", "same_compute_capability")
 

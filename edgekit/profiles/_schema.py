@@ -7,7 +7,7 @@ from typing import Any
 
 from edgekit.errors import ConfigError, did_you_mean
 from edgekit.profiles import (
-    DEVICES, HW_COMPAT, PRECISIONS, PROVIDERS, QUANTIZATIONS, RUNTIMES, Profile, ShapeRange,
+    DEVICES, HW_COMPAT, PRECISIONS, PROVIDERS, QUANTIZATIONS, Profile, ShapeRange,
 )
 
 SECTIONS = {"name", "description", "device", "hardware", "defaults", "tensorrt", "onnxruntime", "shapes"}
@@ -67,6 +67,12 @@ class _Checker:
             self.fail(_field(section, key), f"one of {', '.join(choices)}", value)
         return value
 
+    def names(self, table: dict, section: str, key: str):
+        value = table.get(key)
+        if not isinstance(value, list) or not value or any(not isinstance(v, str) or not v for v in value):
+            self.fail(f"[{section}].{key}", "a non-empty list of runtime names (edgekit build --help)", value)
+        return value
+
     def choices(self, table: dict, section: str, key: str, choices):
         value = table.get(key)
         if not isinstance(value, list) or not value or any(v not in choices for v in value):
@@ -94,7 +100,8 @@ def parse(data: dict, path: Path) -> Profile:
     defaults = c.table(data, "defaults")
     c.choice(defaults, "defaults", "precision", hardware["precisions"])
     c.choice(defaults, "defaults", "quantization", QUANTIZATIONS)
-    c.choices(defaults, "defaults", "runtimes", RUNTIMES)
+    # Names the runtime registry knows; checked when a build resolves them (profiles import no runtime).
+    c.names(defaults, "defaults", "runtimes")
     block = c.number(defaults, "defaults", "quant_block_size", int, 16, 256, required=False)
     if block is not None and block & (block - 1):
         c.fail("[defaults].quant_block_size", "a power of two in [16, 256]", block)

@@ -22,26 +22,6 @@ NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 KEEP_INPUT = "logits_to_keep"  # builds: how many last positions get logits, 0 = all
 
 
-def is_available() -> str | None:
-    """None when onnxruntime imports, else the reason."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        return f"onnxruntime is not installed ({exc}); pip install 'edgekit-llm[cpu]'"
-    return None
-
-
-def open_session(path: str | Path, threads: int | None = None, memory_map: bool | None = None) -> "OrtSession":
-    """Open an export or build folder on ONNX Runtime; a build must fit this machine.
-
-    ``memory_map``: keep the weights memory-mapped (see ``OrtSession``); None decides by ``weights_fit``.
-    """
-    graph = ExportedGraph.load(path)
-    if graph.build is not None:
-        check_build_fits(graph)
-    return OrtSession(graph, threads=threads, memory_map=memory_map)
-
-
 def weights_fit(model: Path, available: int | None = None) -> bool:
     """Whether ``model``'s weights fit in 80 % of the memory available now (``MemAvailable``)."""
     from edgekit._files import model_bytes
@@ -56,29 +36,11 @@ def weights_fit(model: Path, available: int | None = None) -> bool:
     return model_bytes(model) <= 0.8 * available
 
 
-def check_build_fits(graph: ExportedGraph) -> None:
-    """Refuse a build made for other hardware, naming both and how to rebuild."""
-    from edgekit.doctor import detect, fitting_profile, missing_requirements
-
-    build = graph.build
-    machine = detect()
-    missing = missing_requirements(build["requirements"], machine)
-    if build["runtime"] == "tensorrt":
-        missing = missing or ["native TensorRT plans run through TensorRT's runtime, which `edgekit run` does not drive yet"]
-    if missing:
-        here = fitting_profile(machine) or "no shipped profile"
-        source = build.get("source_export", {}).get("path", "EXPORT_DIR")
-        raise ArtifactError(
-            f"{graph.path} was built for {build['profile']} ({build['runtime']}); this machine ({here}) differs: "
-            + "; ".join(missing),
-            f"rebuild here: edgekit build {source} --profile {here if here != 'no shipped profile' else 'PROFILE'} -o NEW_DIR",
-        )
-
-
 class OrtSession:
     """One sequence (batch 1) running on an exported graph, with its cache."""
 
-    def __init__(self, graph: ExportedGraph, threads: int | None = None, memory_map: bool | None = None):
+    def __init__(self, graph: ExportedGraph, threads: int | None = None, memory_map: bool | None = None,
+                 settings: dict[str, Any] | None = None):
         ort = require("onnxruntime", "cpu")
         if graph.dtype not in NUMPY_DTYPES:
             raise RuntimeUnavailableError(
@@ -87,8 +49,7 @@ class OrtSession:
             )
         self.graph = graph
         self.ort = ort
-        settings = (graph.build or {}).get("onnxruntime") or {
-            "providers": ["CPUExecutionProvider"], "provider_options": [{}], "intra_op_threads": 0}
+        settings = settings or {"providers": ["CPUExecutionProvider"], "provider_options": [{}], "intra_op_threads": 0}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or settings["intra_op_threads"] or 0
@@ -120,12 +81,20 @@ class OrtSession:
         self.dtype = NUMPY_DTYPES[graph.dtype]
         self.shared = bool(graph.kv_cache.get("shared_buffer"))
         self.providers = self.session.get_providers()
-        # Builds may take how many positions the LM head computes (edgekit.build.graph_edits).
+        # Builds may take how many positions the LM head computes (edgekit.engines.graph_edits).
         self._takes_keep = KEEP_INPUT in {i.name for i in self.session.get_inputs()}
         defaults = {KEEP_INPUT: np.zeros(1, dtype=np.int64)} if self._takes_keep else None
         self.session = GuardedSession(self.session, graph, defaults)
         self._last_only = np.ones(1, dtype=np.int64)
         self.reset()
+
+    def describe(self) -> str:
+        """What runs this session: "onnxruntime 1.32.0 CPUExecutionProvider"."""
+        return f"onnxruntime {self.ort.__version__} {self.providers[0]}"
+
+    def close(self) -> None:
+        """Drop the cache buffers now (the InferenceSession goes with the object)."""
+        self._past, self._spare, self._keep = [], [], {}
 
     @property
     def length(self) -> int:

@@ -1,4 +1,5 @@
-"""ONNX Runtime builds: session settings from the profile, and the build per execution provider.
+"""ONNX Runtime as edgekit runtimes: one ``OrtRuntime`` per execution provider, its settings from
+the profile, and the build.
 
     ort-cpu       the graph optimized once (ORT_ENABLE_EXTENDED, portable across CPUs of the
                   profile) and saved, so the device loads without re-optimizing
@@ -10,35 +11,110 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgekit._files import model_files
-from edgekit.errors import RuntimeUnavailableError, require
+from edgekit.errors import EdgekitError, RuntimeUnavailableError, require
 from edgekit.profiles import Profile
 from edgekit.types import ExportedGraph
 
-PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
-             "ort-tensorrt": "TensorrtExecutionProvider"}
+CPU = "CPUExecutionProvider"
 CONTEXT_MODEL = "model_ctx.onnx"
 
 
-def plan_settings(graph: ExportedGraph, profile: Profile, runtime: str, precision: str) -> dict[str, Any]:
-    """Providers, provider options and threads for ``runtime`` on ``profile``, as data."""
-    provider = PROVIDERS[runtime]
-    options = dict(profile.onnxruntime.get("provider_options", {}))
-    if profile.onnxruntime["execution_provider"] != provider:
-        options = {}
-    if runtime == "ort-tensorrt":
-        options.update(_tensorrt_ep_options(graph, profile, precision))
-    providers = [provider] if runtime == "ort-cpu" else [provider, "CPUExecutionProvider"]
-    return {
-        "providers": providers,
-        "provider_options": [options] + [{}] * (len(providers) - 1),
-        "intra_op_threads": profile.onnxruntime["intra_op_threads"],
-        "model_file": CONTEXT_MODEL if runtime == "ort-tensorrt" else "model.onnx",
-        "saved_optimization_level": "ORT_ENABLE_EXTENDED" if runtime == "ort-cpu" else None,
-    }
+@dataclass(frozen=True)
+class OrtRuntime:
+    """An ONNX Runtime execution provider as an edgekit runtime (``base.Runtime``); one module per
+    provider sets ``RUNTIME = OrtRuntime(...)`` (``ort_cpu.py``, ``ort_cuda.py``, ``ort_tensorrt.py``)."""
+
+    names: tuple[str, ...]
+    provider: str
+    device: str  # "cpu" | "gpu"
+    extra: str
+    family: str = "ort"  # `--runtime ort` picks the profile's first runtime of this family
+    optimize: bool = False  # save the graph optimized once, so the device loads it as it is
+    context_model: bool = False  # compile an EP-context model (the TensorRT EP's engine embedded)
+    target: str | None = None  # the export target it needs, when only one works
+    any_precision: bool = False  # builds its own precision (the TensorRT EP), else runs the export's dtype
+    weight_quantization: tuple[str, ...] = ()  # --quant values it builds (MatMulNBits / dynamic int8)
+    edits_graph: bool = False  # last-position logits and one tied LM head (edgekit.engines.graph_edits)
+    kv_copies: int = 1  # the KV cache is one buffer, written in place or grown
+    strips_weights: bool = False
+
+    def is_available(self) -> str | None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            return f"onnxruntime is not installed ({exc})"
+        if self.provider not in ort.get_available_providers():
+            return f"this onnxruntime has no {self.provider} (install onnxruntime-gpu on the target GPU)"
+        return None
+
+    def check(self, graph: ExportedGraph, profile: Profile, precision: str) -> list[EdgekitError]:
+        """Refusals for ``graph`` at ``precision`` on this provider."""
+        problems = []
+        if self.context_model:
+            from edgekit.runtimes.tensorrt import parse_problems
+
+            problems += parse_problems(graph, profile)
+        if self.target and graph.target != self.target:
+            problems.append(EdgekitError(
+                f"{graph.path} was exported for --target {graph.target}; ONNX Runtime's {self.provider} "
+                "has been seen running opset-23 Attention on the CPU",
+                f"re-export with --target {self.target} (GroupQueryAttention) for {self.names[0]}"))
+        if not self.any_precision and precision != graph.dtype and precision not in ("fp8", "int8"):
+            problems.append(EdgekitError(
+                f"ONNX Runtime runs the graph in the dtype it was exported in ({graph.dtype}), not {precision}",
+                f"re-export with --dtype {precision}, or pass --precision {graph.dtype}"))
+        return problems
+
+    def plan(self, graph: ExportedGraph, profile: Profile, precision: str,
+             options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This provider's part of the build plan, as data (it takes no ``options``)."""
+        options = dict(profile.onnxruntime.get("provider_options", {}))
+        if profile.onnxruntime["execution_provider"] != self.provider:
+            options = {}
+        plan: dict[str, Any] = {}
+        if self.context_model:
+            from edgekit.runtimes import tensorrt
+
+            options.update(_tensorrt_ep_options(graph, profile, precision))
+            plan["tensorrt"] = tensorrt.plan_settings(graph, profile, precision)
+        providers = [self.provider] if self.provider == CPU else [self.provider, CPU]
+        plan["onnxruntime"] = {
+            "providers": providers,
+            "provider_options": [options] + [{}] * (len(providers) - 1),
+            "intra_op_threads": profile.onnxruntime["intra_op_threads"],
+            "model_file": CONTEXT_MODEL if self.context_model else "model.onnx",
+            "saved_optimization_level": "ORT_ENABLE_EXTENDED" if self.optimize else None,
+        }
+        return plan
+
+    def requirements(self, profile: Profile) -> dict[str, Any]:
+        """What a device needs beyond the profile's hardware."""
+        req: dict[str, Any] = {"onnxruntime_provider": self.provider}
+        if self.context_model:
+            req["tensorrt"] = ">=" + profile.tensorrt["min_version"]
+        return req
+
+    def environment_problems(self, machine: Any) -> list[str]:
+        """What this machine lacks to build, beyond the requirements."""
+        if self.context_model and machine.tensorrt_version and not machine.tensorrt_version.startswith("10."):
+            return [f"ONNX Runtime's TensorRT EP is built against TensorRT 10, found {machine.tensorrt_version}"]
+        return []
+
+    def build(self, graph: ExportedGraph, plan: Any, out: Path) -> dict[str, Any]:
+        """Write the model file(s) into ``out``; returns what the sidecar records."""
+        built = build(graph, self, plan.onnxruntime, out)
+        return {**built, "model_file": plan.onnxruntime["model_file"]}
+
+    def open(self, engine: Any, threads: int | None = None, memory_map: bool | None = None):
+        from edgekit.runtimes.onnxruntime import OrtSession
+
+        return OrtSession(engine.graph, threads=threads, memory_map=memory_map,
+                          settings=engine.details.get("onnxruntime"))
 
 
 def _tensorrt_ep_options(graph: ExportedGraph, profile: Profile, precision: str) -> dict[str, Any]:
@@ -63,17 +139,17 @@ def _tensorrt_ep_options(graph: ExportedGraph, profile: Profile, precision: str)
     }
 
 
-def build(graph: ExportedGraph, runtime: str, settings: dict[str, Any], out: Path) -> dict[str, Any]:
+def build(graph: ExportedGraph, runtime: OrtRuntime, settings: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write the model file(s) for ``runtime`` into ``out``; returns what the sidecar records."""
     ort = require("onnxruntime", "cpu")
-    if runtime == "ort-cpu":
+    if runtime.optimize:
         _optimize(ort, graph, out)
-    elif runtime == "ort-cuda":
-        _copy_model(graph, out)
-        check_provider(ort, out / "model.onnx", settings)
-    else:
+    elif runtime.context_model:
         _copy_model(graph, out)
         _compile_context_model(ort, out, settings)
+    else:
+        _copy_model(graph, out)
+        check_provider(ort, out / "model.onnx", settings)
     return {"onnxruntime_version": ort.__version__}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import RuntimeUnavailableError
+from edgekit.errors import ArtifactError, EdgekitError, RuntimeUnavailableError
 from edgekit.profiles import Profile
 from edgekit.types import ExportedGraph, state_io
 
@@ -25,16 +25,6 @@ def is_available() -> str | None:
     except ImportError as exc:
         return f"TensorRT's Python package is not installed ({exc}); install it on the device (JetPack ships it)"
     return None
-
-
-def version() -> str | None:
-    """The installed TensorRT version, or None."""
-    try:
-        import tensorrt
-
-        return tensorrt.__version__
-    except ImportError:
-        return None
 
 
 def shape_profile(graph: ExportedGraph, profile: Profile) -> dict[str, dict[str, list[int]]]:
@@ -59,8 +49,12 @@ def shape_profile(graph: ExportedGraph, profile: Profile) -> dict[str, dict[str,
     return shapes
 
 
-def plan_settings(graph: ExportedGraph, profile: Profile, precision: str) -> dict[str, Any]:
-    """Builder settings for ``precision`` on ``profile``, as data."""
+def plan_settings(graph: ExportedGraph, profile: Profile, precision: str, strip_weights: bool = False) -> dict[str, Any]:
+    """Builder settings for ``precision`` on ``profile``, as data.
+
+    ``strip_weights``: a weight-stripped plan (TensorRT >= 10.0) that the session refits at load
+    from the export's ONNX file, ``refit_from``; one copy of the weights then serves every plan.
+    """
     trt = profile.tensorrt
     return {
         "flags": FLAGS[precision],
@@ -73,6 +67,8 @@ def plan_settings(graph: ExportedGraph, profile: Profile, precision: str) -> dic
         "timing_cache": "timing.cache",
         "plan_file": "model.plan",
         "shape_profile": shape_profile(graph, profile),
+        "strip_weights": strip_weights,
+        "refit_from": graph.model_file if strip_weights else None,
     }
 
 
@@ -99,7 +95,8 @@ def build(graph: ExportedGraph, settings: dict[str, Any], out: Path) -> dict[str
                                       "lower [tensorrt].workspace_mb or [shapes] maxima in the profile")
     (out / settings["plan_file"]).write_bytes(bytes(plan))
     _save_timing_cache(config, out / settings["timing_cache"])
-    return {"tensorrt_version": trt.__version__, "flags": settings["flags"]}
+    return {"tensorrt_version": trt.__version__, "flags": settings["flags"],
+            "strip_weights": bool(settings.get("strip_weights"))}
 
 
 def _config(trt, builder, settings: dict[str, Any], out: Path):
@@ -110,6 +107,8 @@ def _config(trt, builder, settings: dict[str, Any], out: Path):
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if settings["version_compatible"]:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if settings.get("strip_weights"):
+        _strip_weights(trt, config)
     config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, HW_COMPAT[settings["hardware_compatibility"]])
     if settings["dla_core"] >= 0:
         config.default_device_type = trt.DeviceType.DLA
@@ -125,8 +124,137 @@ def _config(trt, builder, settings: dict[str, Any], out: Path):
     return config
 
 
+def _strip_weights(trt, config) -> None:
+    """Leave the refittable weights out of the plan; the session refits them from the export's ONNX."""
+    if not hasattr(trt.BuilderFlag, "STRIP_PLAN"):
+        raise RuntimeUnavailableError(f"TensorRT {trt.__version__} cannot build weight-stripped plans (10.0 added them)",
+                                      "build a full plan (without strip_weights), or upgrade TensorRT")
+    config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+    # The same weights come back at load, so the builder may still fold and fuse them as constants.
+    config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+
+
 def _save_timing_cache(config, path: Path) -> None:
     cache = config.get_timing_cache()
     if cache is not None:
         path.write_bytes(bytes(cache.serialize()))
 
+
+
+# First TensorRT versions whose ONNX parser takes these opset-23 ops.
+TENSORRT_OP_VERSIONS = {"Attention": (10, 14), "RotaryEmbedding": (10, 15), "RMSNormalization": (10, 15)}
+
+
+def parse_problems(graph: ExportedGraph, profile: Profile) -> list[EdgekitError]:
+    """Why TensorRT's ONNX parser (at the profile's oldest version) would refuse ``graph``."""
+    if graph.custom_ops:
+        return [EdgekitError(
+            f"TensorRT cannot parse {', '.join(graph.custom_ops)} in {graph.path} (exported for --target {graph.target})",
+            "re-export with --target portable (TensorRT >= 10.15) or --target decomposed (TensorRT 10.3, JetPack 6)")]
+    floor = tuple(int(p) for p in profile.tensorrt["min_version"].split(".")[:2])
+    too_new = sorted(op for op, since in TENSORRT_OP_VERSIONS.items() if op in graph.ops and floor < since)
+    if too_new:
+        return [EdgekitError(
+            f"{', '.join(too_new)} in {graph.path} need a newer TensorRT than {profile.name}'s "
+            f"{profile.tensorrt['min_version']} can parse",
+            "re-export with --target decomposed, which uses plain ONNX ops only")]
+    return []
+
+
+class TensorrtRuntime:
+    """Native TensorRT as an edgekit runtime (``base.Runtime``): a plan built on the target GPU,
+    run by ``tensorrt_session.TensorrtSession``."""
+
+    names = ("tensorrt",)
+    device = "gpu"
+    extra = "tensorrt"
+    family = "tensorrt"
+    weight_quantization: tuple[str, ...] = ()
+    kv_copies = 2  # present = concat(past, new) into the other buffer of a ping-pong pair
+    strips_weights = True
+
+    def is_available(self) -> str | None:
+        reason = is_available()
+        if reason is None:
+            from edgekit.errors import MissingDependencyError
+            from edgekit.runtimes.tensorrt_session import _cudart
+
+            try:
+                _cudart()
+            except MissingDependencyError as exc:
+                return exc.message
+        return reason
+
+    def check(self, graph: ExportedGraph, profile: Profile, precision: str) -> list[EdgekitError]:
+        return parse_problems(graph, profile)
+
+    def plan(self, graph: ExportedGraph, profile: Profile, precision: str,
+             options: dict[str, Any] | None = None) -> dict[str, Any]:
+        strip = bool((options or {}).get("strip_weights"))
+        return {"tensorrt": plan_settings(graph, profile, precision, strip_weights=strip)}
+
+    def requirements(self, profile: Profile) -> dict[str, Any]:
+        """TensorRT from the profile's floor (the build pins what it used); a hardware-compatible
+        plan runs on any Ampere or newer GPU, not only the profile's."""
+        req: dict[str, Any] = {"tensorrt": ">=" + profile.tensorrt["min_version"]}
+        if profile.tensorrt["hardware_compatibility"] == "ampere_plus":
+            req["compute_capability"] = ">=8.0"
+        return req
+
+    def environment_problems(self, machine: Any) -> list[str]:
+        return []
+
+    def build(self, graph: ExportedGraph, plan: Any, out: Path) -> dict[str, Any]:
+        built = {**build(graph, plan.tensorrt, out), "model_file": plan.tensorrt["plan_file"]}
+        # A plan loads only on the TensorRT that built it, unless built version-compatible (then
+        # that version or a newer one runs it).
+        version = built["tensorrt_version"]
+        built["requirements"] = {"tensorrt": (">=" if plan.tensorrt["version_compatible"] else "") + version}
+        if plan.tensorrt.get("strip_weights"):  # which weights refit it: checked at load, since a
+            built["refit_files"] = refit_identity(graph.model_path)  # wrong file would refit silently
+        return built
+
+    def open(self, engine: Any, threads: int | None = None, memory_map: bool | None = None):
+        """A session on the plan; a weight-stripped plan refits from the source export it was built
+        from, or from the export a bundle unpacked beside it."""
+        from edgekit.runtimes.tensorrt_session import TensorrtSession
+
+        settings = engine.details["tensorrt"]
+        # Where the weights may be: the source export, and the engines unpacked beside this one
+        # (a bundle unpacks the export a stripped plan needs next to it).
+        siblings = sorted(p for p in engine.path.parent.iterdir() if p.is_dir() and p != engine.path)
+        folders = tuple(Path(p) for p in ((engine.source_export or {}).get("path"), *siblings) if p)
+        plan = engine.path / settings["plan_file"]
+        refit = refit_folder(plan, settings, folders, engine.details.get("refit_files") or {})
+        return TensorrtSession(engine.graph, plan, settings, refit_folders=refit)
+
+
+def refit_identity(model: Path) -> dict[str, dict[str, Any]]:
+    """{file name: {bytes, sha256}} of an ONNX model and its external data: what refits a stripped plan."""
+    from edgekit._files import model_files, sha256_file
+
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in model_files(model)}
+
+
+def refit_folder(plan: Path, settings: dict[str, Any], folders: tuple[Path, ...],
+                 recorded: dict[str, dict[str, Any]]) -> tuple[Path, ...]:
+    """``(folder,)``: the first of ``folders`` holding the very weights a stripped plan was built
+    with (sizes, then sha256: TensorRT would refit other weights without a word); ``()`` for a
+    full plan."""
+    if not settings.get("strip_weights"):
+        return ()
+    model = settings["refit_from"]
+
+    def same(folder: Path) -> bool:
+        sizes = {name: (folder / name).stat().st_size for name in recorded if (folder / name).is_file()}
+        return sizes == {n: w["bytes"] for n, w in recorded.items()} and refit_identity(folder / model) == recorded
+
+    found = next((folder for folder in folders if (folder / model).is_file() and same(folder)), None)
+    if found is None:
+        raise ArtifactError(f"{plan} was built without its weights, and none of {', '.join(map(str, folders)) or 'no folder'} "
+                            f"holds the {model} it was built from",
+                            "keep the export it was built from (or package it into the bundle), or rebuild a full plan")
+    return (found,)
+
+
+RUNTIME = TensorrtRuntime()

@@ -29,7 +29,7 @@ from edgekit.chat import END_OF_TURN, load_chat_template
 from edgekit.errors import EdgekitError
 from edgekit.generate import Sampling, context_problem, token_id_problem
 from edgekit.serve import protocol as p
-from edgekit.serve.engine import open_engine
+from edgekit.serve.engine import serving_engine
 from edgekit.serve.metrics import Metrics
 from edgekit.serve.scheduler import Event, Job, Scheduler
 from edgekit.tokenizer import load_tokenizer
@@ -63,7 +63,8 @@ class Server:
                                f"use --max-context {min(positions, DEFAULT_MAX_CONTEXT)}")
         if config.max_batch < 1:
             raise EdgekitError(f"--max-batch {config.max_batch} must be >= 1", "e.g. --max-batch 8")
-        self.engine, self.serial_reason = open_engine(self.graph, config.max_batch, self.max_context, config.threads)
+        self.engine, self.serial_reason = serving_engine(self.graph, config.max_batch, self.max_context, config.threads)
+        self.max_context = self.engine.max_context  # the engine's own limit may be lower (a TensorRT plan's)
         self.tokenizer = load_tokenizer(self.graph)
         self.template = _chat_template(self.graph)
         self.metrics = Metrics()

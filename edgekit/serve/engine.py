@@ -30,13 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.runtimes.onnxruntime import OrtSession, check_build_fits
+from edgekit.runtimes.onnxruntime import OrtSession
 from edgekit.types import ExportedGraph, state_io
 
 
-def batching_unsupported(session: OrtSession) -> str | None:
+def batching_unsupported(session: Any) -> str | None:
     """Why this session cannot batch (None when it can)."""
     graph = session.graph
+    if not isinstance(session, OrtSession):
+        return f"{session.describe()} is served one request at a time"
     if not session.shared:
         return f"the {graph.target!r} target concatenates its KV cache (batching needs the ort target's shared buffer)"
     if session.device != "cpu":
@@ -112,33 +114,35 @@ class BatchedEngine:
 
 
 class SerialEngine:
-    """One sequence at a time on an ``OrtSession`` (any target, any layer kind)."""
+    """One sequence at a time on any session (any runtime, target and layer kind)."""
 
     max_batch = 1
     cache_bytes = 0  # the session grows its own cache per request
 
-    def __init__(self, session: OrtSession, max_context: int):
+    def __init__(self, session: Any, max_context: int):
         self.session, self.graph, self.max_context = session, session.graph, max_context
 
     def prefill(self, row: int, ids: list[int]) -> np.ndarray:
         self.session.reset(self.max_context)
-        return self.session.forward(ids)[-1]
+        return self.session.last_logits(ids)
 
     def decode(self, tokens: list[int], lengths: list[int]) -> np.ndarray:
-        return self.session.forward(tokens)[-1][None]  # (1, vocab)
+        return self.session.last_logits(tokens)[None]  # (1, vocab)
 
     def move(self, src: int, dst: int, length: int) -> None:  # never called with one row
         raise AssertionError("a serial engine has one row")
 
 
-def open_engine(graph: ExportedGraph, max_batch: int, max_context: int, threads: int | None = None) -> Any:
+def serving_engine(graph: ExportedGraph, max_batch: int, max_context: int, threads: int | None = None) -> Any:
     """The batched engine when the graph allows it and ``max_batch`` > 1, else the serial one.
 
     Returns the engine and, for a serial one, why it is not batched (None otherwise).
     """
-    if graph.build is not None:
-        check_build_fits(graph)
-    session = OrtSession(graph, threads=threads)
+    from edgekit.runtimes.registry import open_engine
+
+    session = open_engine(graph.path, threads=threads)
+    # A TensorRT plan holds the profile's context, which may be less than the model's.
+    max_context = min(max_context, getattr(session, "max_context", max_context))
     reason = batching_unsupported(session) if max_batch > 1 else None
     if max_batch > 1 and reason is None:
         return BatchedEngine(session, max_batch, max_context), None

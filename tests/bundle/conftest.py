@@ -14,7 +14,7 @@ ARCHITECTURE = "Qwen3ForCausalLM"
 @pytest.fixture(scope="session")
 def builds(exported, tmp_path_factory):
     """The export, a build for the CPU profile that fits here and one for another CPU architecture."""
-    from edgekit.build import build_engine
+    from edgekit.engines import build_engine
     from edgekit.doctor import detect, fitting_profile
     from edgekit.profiles import load_profile
 

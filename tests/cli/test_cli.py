@@ -117,7 +117,7 @@ def test_run_json_and_streaming(exported):
     data = json.loads(result.stdout)
     assert len(data["token_ids"]) == 8 and isinstance(data["text"], str)
     assert data["ttft_ms"] > 0 and data["decode_tokens_per_s"] > 0
-    assert data["provider"] == "CPUExecutionProvider"
+    assert data["runtime"].startswith("onnxruntime ") and data["runtime"].endswith(" CPUExecutionProvider")
     streamed = edgekit("run", str(path), "--prompt", "def main():", "--max-new-tokens", "8")
     assert streamed.returncode == 0
     assert streamed.stdout.strip() == data["text"].strip()
@@ -159,7 +159,7 @@ def test_validate_json_and_exit_code(exported, hf_folder):
 
 
 def test_quickstart_names_the_default_preset():
-    from edgekit.presets import DEFAULT_PRESET
+    from edgekit.export.presets import DEFAULT_PRESET
 
     script = (ROOT / "scripts" / "quickstart.sh").read_text()
     assert f"MODEL=${{1:-{DEFAULT_PRESET}}}" in script

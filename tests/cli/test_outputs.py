@@ -136,3 +136,13 @@ def test_install_hints_print_the_extra(tmp_path):
     assert result.returncode == 1
     assert "hint: pip install 'edgekit-llm[export]'" in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_force_never_replaces_a_folder_holding_a_file_the_build_reads(exported, tmp_path):
+    out = _user_folder(tmp_path / "build")
+    (out / "heldout.txt").write_text("def f():\n    return 1\n")
+    result = edgekit("build", str(exported("Qwen3ForCausalLM", "ort")), "--profile", "cpu-x86-64", "-o", str(out),
+                     "--force", "--quality", str(out / "heldout.txt"))
+    assert result.returncode == 1
+    assert f"error: output {out} would replace the input {out / 'heldout.txt'}" in result.stderr
+    assert sorted(os.listdir(out)) == ["heldout.txt", "notes.txt"]

@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from edgekit.cli._progress import progress_bar
-from edgekit.presets import TRAINED
+from edgekit.export.presets import TRAINED
 
 ARCH = "Qwen3ForCausalLM"
 HELDOUT = TRAINED["tiny-code"] / "heldout.txt"

@@ -33,7 +33,7 @@ def noisy_folder(hf_folder, tmp_path_factory):
     """factory(architecture) -> hf_folder's model with random norm weights (they are saved as zeros)."""
     import transformers
 
-    from edgekit.presets import TOKENIZER_DIR
+    from edgekit.export.presets import TOKENIZER_DIR
 
     made = {}
 
@@ -144,7 +144,7 @@ def test_gemma2_graphs_softcap_the_attention_scores(exported):
 
 def test_gemma2_logits_stay_under_the_final_softcap(exported, hf_folder):
     from edgekit.export import resolve
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
 
     folder = hf_folder(GEMMA2)
     config = resolve.load_config(folder)
@@ -153,7 +153,7 @@ def test_gemma2_logits_stay_under_the_final_softcap(exported, hf_folder):
     prompt = np.random.default_rng(0).integers(1, config.vocab_size, size=40).tolist()
     with torch.no_grad():
         uncapped = resolve.load_model(folder, config)(torch.tensor([prompt])).logits
-    session = open_session(exported(GEMMA2, "ort"))
+    session = open_engine(exported(GEMMA2, "ort"))
     session.reset(64)
     logits = session.forward(prompt)
     assert float(uncapped.abs().max()) > cap  # the head alone goes past the cap...

@@ -29,7 +29,7 @@ def make_folder(tmp_path_factory):
     import transformers
 
     from edgekit.export.archs import families
-    from edgekit.presets import TOKENIZER_DIR
+    from edgekit.export.presets import TOKENIZER_DIR
 
     def make(architecture: str, overrides: dict):
         config = families()[architecture].tiny_config()
@@ -77,7 +77,7 @@ def _do_rotary(node) -> int:
 @pytest.mark.parametrize("name", CASES)
 def test_ort_export_matches_pytorch_when_gqa_cannot_rotate(case, name):
     from edgekit.generate import generate
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
     from edgekit.runtimes.torch import TorchSession, load_reference
     from edgekit.validate import validate
 
@@ -88,7 +88,7 @@ def test_ort_export_matches_pytorch_when_gqa_cannot_rotate(case, name):
     report = validate(out, str(folder), prompt_length=100, steps=32)
     assert report.greedy_match == report.greedy_total == 32
     assert report.max_abs_diff < 1e-3
-    session, reference = open_session(out), TorchSession(load_reference(str(folder)))
+    session, reference = open_engine(out), TorchSession(load_reference(str(folder)))
     for length in (1, 9, 70):
         prompt = np.random.default_rng(length).integers(1, 2048, size=length).tolist()
         assert generate(session, prompt, 8).token_ids == generate(reference, prompt, 8).token_ids
@@ -96,17 +96,17 @@ def test_ort_export_matches_pytorch_when_gqa_cannot_rotate(case, name):
 
 def test_served_rows_of_different_lengths_rotate_at_their_own_positions(case):
     """Batched decode: right-padded rows, each rotated at its own length (the positions come from the mask)."""
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
     from edgekit.serve.engine import BatchedEngine
 
     _, out, _ = case("llama-head-24")
     prompts = [[5, 17, 99], [7, 1000, 42, 3, 250, 8, 11, 600, 2]]
-    engine = BatchedEngine(open_session(out, threads=1), max_batch=2, max_context=64)
+    engine = BatchedEngine(open_engine(out, threads=1), max_batch=2, max_context=64)
     for row, prompt in enumerate(prompts):
         engine.prefill(row, prompt)
     batched = engine.decode([1, 2], [len(p) for p in prompts])  # (2, vocab)
     for prompt, token, logits in zip(prompts, [1, 2], batched):
-        alone = open_session(out, threads=1)
+        alone = open_engine(out, threads=1)
         alone.forward(prompt)
         np.testing.assert_allclose(logits, alone.forward([token])[-1], atol=1e-4)
 

@@ -65,7 +65,7 @@ def test_states_are_recorded_per_layer(exported):
 def test_graph_does_not_depend_on_the_traced_length(hf_folder, tmp_path, monkeypatch):
     import edgekit.export as export
     from edgekit.generate import generate
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
     from edgekit.runtimes.torch import TorchSession, load_reference
 
     counts = []
@@ -75,16 +75,16 @@ def test_graph_does_not_depend_on_the_traced_length(hf_folder, tmp_path, monkeyp
         export.export_model(str(hf_folder(ARCH)), out, target="portable")
         counts.append(sum(_all_ops(onnx.load(str(out / "model.onnx"))).values()))
     assert counts[0] == counts[1]
-    session, reference = open_session(out), TorchSession(load_reference(str(hf_folder(ARCH))))
+    session, reference = open_engine(out), TorchSession(load_reference(str(hf_folder(ARCH))))
     for length in (1, 63, 64, 65, 130):
         prompt = np.random.default_rng(length).integers(1, 2048, size=length).tolist()
         assert generate(session, prompt, 4).token_ids == generate(reference, prompt, 4).token_ids
 
 
 def test_fixed_states_ping_pong_without_allocation(exported):
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
 
-    session = open_session(exported(ARCH, "ort"))
+    session = open_engine(exported(ARCH, "ort"))
     session.reset(64)
     linear = [i for i, io in enumerate(session._io) if not io.layer.has_kv]
     buffers = {session._past[i].data_ptr() for i in linear} | {session._spare[i].data_ptr() for i in linear}

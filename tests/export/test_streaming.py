@@ -111,11 +111,15 @@ def test_failed_export_leaves_nothing(tmp_path, hf_folder):
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
+# VmHWM is the peak RSS of this process's own memory map. getrusage's ru_maxrss is not: a child
+# started by (v)fork + exec inherits the parent's high-water mark, so under a large pytest
+# process it reports the parent's size, not the export's.
 _PEAK = """
-import resource, sys
+import sys
 from edgekit.export import export_model
 export_model(sys.argv[1], sys.argv[2], in_memory=sys.argv[3] == "1")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+status = open("/proc/self/status").read()
+print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024)
 """
 
 

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from edgekit.build import BuildRefused, QuantOptions, build_engine, plan_build
-from edgekit.presets import TRAINED
+from edgekit.engines import BuildRefused, QuantOptions, build_engine, plan_build
+from edgekit.export.presets import TRAINED
 from edgekit.quality import measure_quality
 from edgekit.quantize import model_bytes
 
@@ -134,7 +134,7 @@ def test_int4_is_under_30_percent_of_fp32_on_large_matrices(tmp_path):
 
     from edgekit.export import export_model
     from edgekit.export.archs.base import tiny_common
-    from edgekit.presets import TOKENIZER_DIR
+    from edgekit.export.presets import TOKENIZER_DIR
 
     values = tiny_common(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=256, intermediate_size=1024,
                          num_hidden_layers=4, head_dim=64, tie_word_embeddings=True)
@@ -177,8 +177,8 @@ def test_cli_build_and_validate_quality(tiny_code_export, tmp_path):
 def test_build_reports_progress_with_sensible_counts(tiny_code_export, tmp_path):
     """on_progress follows the build: the backend, each weight quantized, the save, each quality window."""
     calls = []
-    graph = build_engine(tiny_code_export, PROFILE, tmp_path / "int4", quant=QuantOptions("int4", "rtn"),
-                         quality_text=HELDOUT, on_progress=lambda *call: calls.append(call))
+    engine = build_engine(tiny_code_export, PROFILE, tmp_path / "int4", quant=QuantOptions("int4", "rtn"),
+                          quality_text=HELDOUT, on_progress=lambda *call: calls.append(call))
     steps = list(dict.fromkeys(what for what, _, _ in calls))
     assert steps == [f"building ort-cpu for {PROFILE}", "int4: quantizing weights", "int4: quantizing the embedding",
                      "saving the quantized model", "loading the engine and the reference",
@@ -186,8 +186,8 @@ def test_build_reports_progress_with_sensible_counts(tiny_code_export, tmp_path)
     counts = {step: [(done, total) for what, done, total in calls if what == step] for step in steps}
     weights = counts["int4: quantizing weights"]
     total = weights[0][1]
-    assert {t for _, t in weights} == {total} and total >= graph.build["quantize"]["quantized_matmuls"] > 0
+    assert {t for _, t in weights} == {total} and total >= engine.details["quantize"]["quantized_matmuls"] > 0
     assert [d for d, _ in weights] == [*range(total + 1), total]  # one call per weight offered, then done
     assert counts["int4: quantizing the embedding"][-1] == (1, 1)
-    windows = graph.build["quality"]["windows"]
+    windows = engine.quality["windows"]
     assert counts["scoring heldout.txt, window by window"] == [(i, windows) for i in range(1, windows + 1)]

@@ -13,13 +13,13 @@ import pytest
 _RUN = """
 import json, sys
 import numpy as np
-from edgekit.runtimes.onnxruntime import open_session
+from edgekit.runtimes.registry import open_engine
 
 def anon():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))
 
 before = anon()
-session = open_session(sys.argv[1], threads=1, memory_map=sys.argv[2] == "1")
+session = open_engine(sys.argv[1], threads=1, memory_map=sys.argv[2] == "1")
 logits = session.forward(np.arange(3, 19))
 print(json.dumps({"anon": anon() - before, "mapped": session.memory_mapped, "logits": logits[-1].tolist()}))
 """

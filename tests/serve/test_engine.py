@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edgekit.generate import Sampling, generate
-from edgekit.runtimes.onnxruntime import open_session
-from edgekit.serve.engine import BatchedEngine, SerialEngine, open_engine
+from edgekit.runtimes.registry import open_engine
+from edgekit.serve.engine import BatchedEngine, SerialEngine, serving_engine
 from edgekit.serve.metrics import Metrics
 from edgekit.serve.scheduler import Job, Scheduler, _held
 from edgekit.types import ExportedGraph
@@ -32,7 +32,7 @@ def test_batched_rows_equal_batch_one_generation(exported, architecture):
     """Rows of different lengths join and leave mid-flight (4 rows, 7 jobs): every row is exact.
     Qwen3.5 mixes GQA layers with linear-attention (fixed-size state) layers."""
     graph = ExportedGraph.load(exported(architecture, "ort"))
-    engine, reason = open_engine(graph, max_batch=4, max_context=128, threads=1)
+    engine, reason = serving_engine(graph, max_batch=4, max_context=128, threads=1)
     assert isinstance(engine, BatchedEngine) and reason is None
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(1, 1000, size=3 + 4 * i)] for i in range(7)]
@@ -40,23 +40,23 @@ def test_batched_rows_equal_batch_one_generation(exported, architecture):
     jobs, scheduler = run_jobs(engine, prompts, max_tokens)
     assert scheduler.peak_active == 4
     for prompt, n, job in zip(prompts, max_tokens, jobs):
-        expected = generate(open_session(graph.path, threads=1), prompt, n).token_ids
+        expected = generate(open_engine(graph.path, threads=1), prompt, n).token_ids
         assert job.token_ids == expected and job.finish_reason == "length"
 
 
 def test_portable_target_is_served_one_at_a_time(exported):
     graph = ExportedGraph.load(exported("Qwen3ForCausalLM", "portable"))
-    engine, reason = open_engine(graph, max_batch=8, max_context=64, threads=1)
+    engine, reason = serving_engine(graph, max_batch=8, max_context=64, threads=1)
     assert isinstance(engine, SerialEngine) and "concatenates" in reason
     prompts = [[5, 6, 7], [8, 9]]
     jobs, _ = run_jobs(engine, prompts, [4, 4])
     for prompt, job in zip(prompts, jobs):
-        assert job.token_ids == generate(open_session(graph.path, threads=1), prompt, 4).token_ids
+        assert job.token_ids == generate(open_engine(graph.path, threads=1), prompt, 4).token_ids
 
 
 def test_cancelled_job_leaves_and_last_row_moves(exported):
     graph = ExportedGraph.load(exported("Qwen3ForCausalLM", "ort"))
-    engine, _ = open_engine(graph, max_batch=3, max_context=64, threads=1)
+    engine, _ = serving_engine(graph, max_batch=3, max_context=64, threads=1)
     scheduler = Scheduler(engine)
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
     jobs = [Job(p, 10, Sampling(temperature=0), (), [], None, lambda e: None) for p in prompts]
@@ -68,7 +68,7 @@ def test_cancelled_job_leaves_and_last_row_moves(exported):
         scheduler.step()
     assert jobs[0].finish_reason == "cancelled"
     for prompt, job in zip(prompts[1:], jobs[1:]):
-        assert job.token_ids == generate(open_session(graph.path, threads=1), prompt, 10).token_ids
+        assert job.token_ids == generate(open_engine(graph.path, threads=1), prompt, 10).token_ids
 
 
 def test_held_tail():

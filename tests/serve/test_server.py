@@ -19,9 +19,9 @@ GREEDY = {"temperature": 0, "extra_body": {"return_token_ids": True}}
 def reference(folder, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """What ``generate`` returns for this prompt alone on a fresh batch-1 session."""
     from edgekit.generate import generate
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
 
-    session = open_session(folder, threads=1)
+    session = open_engine(folder, threads=1)
     return generate(session, prompt_ids, max_tokens, eos_ids=session.graph.model.eos_token_ids).token_ids
 
 

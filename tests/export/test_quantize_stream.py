@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from edgekit.build import QuantOptions, build_engine
+from edgekit.engines import QuantOptions, build_engine
 from edgekit.export import export_model
-from edgekit.presets import TRAINED
+from edgekit.export.presets import TRAINED
 from edgekit.quality import measure_quality
 
 PRESET = "tiny-code"
@@ -45,7 +45,7 @@ def test_export_int4_equals_build_int4(int4_export, tmp_path):
 
 def test_slices_do_not_change_the_bytes(int4_export, tmp_path, monkeypatch):
     """Weights are quantized by slices of columns (rows of the checkpoint tensor): any slice size, same bytes."""
-    import edgekit.quantize.stream as stream
+    import edgekit.export.quantize as stream
 
     monkeypatch.setattr(stream, "CHUNK_BYTES", 4 * 64 * 7)  # 7 columns of a 64-row weight per slice
     sliced = export_model(PRESET, tmp_path / "sliced", quant="int4")
@@ -76,16 +76,16 @@ def test_bad_block_size_is_refused_before_any_work(tmp_path):
 
 def test_build_of_an_export_quantized_model(int4_export, tmp_path):
     """A CPU build keeps the export's int4 weights (no second quantization) and runs; --quant int4 is refused."""
-    from edgekit.build import BuildRefused, plan_build
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.engines import BuildRefused, plan_build
+    from edgekit.runtimes.registry import open_engine
 
     plan = plan_build(int4_export.path, "cpu-x86-64")
     assert plan.quantization == "none"
     build_engine(int4_export.path, "cpu-x86-64", tmp_path / "build")
-    session = open_session(tmp_path / "build")
+    session = open_engine(tmp_path / "build")
     session.reset()
     built = session.forward(np.arange(5, 21))
-    session = open_session(int4_export.path)
+    session = open_engine(int4_export.path)
     session.reset()
     np.testing.assert_allclose(built, session.forward(np.arange(5, 21)), atol=1e-3)
     with pytest.raises(BuildRefused, match="quantized to int4 at export"):

@@ -10,7 +10,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edgekit.build.graph_edits import KEEP_INPUT, edit_build  # noqa: E402
+from edgekit.engines.graph_edits import KEEP_INPUT, edit_build  # noqa: E402
 
 H, V, F = 8, 20, 12  # hidden, vocab, MLP width
 

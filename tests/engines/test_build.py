@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from edgekit.build import BuildRefused, build_engine, plan_build
-from edgekit.build.plan import fit_positions
+from edgekit.engines import BuildRefused, build_engine, plan_build
+from edgekit.engines.plan import fit_positions
 from edgekit.profiles import PROFILE_DIR, list_profiles, load_profile
-from edgekit.types import ExportedGraph
+from edgekit.types import Engine, ExportedGraph
 from tests.cli.test_cli import edgekit
 from tests.conftest import family_names
 
@@ -47,7 +47,8 @@ def test_tensorrt_plan_for_every_gpu_profile(exported, name):
                                                  "max": [b.max, 2, c.max - 1, 32]}
     assert plan.requirements == {"device": profile.device, "compute_capability": profile.hardware["compute_capability"],
                                  "tensorrt": ">=" + profile.tensorrt["min_version"]}
-    assert plan.memory["kv_cache_bytes"] == 2 * 2 * 2 * 32 * 2 * c.max * b.max  # layers*kv*(k,v)*D*fp16*ctx*batch
+    # layers*kv*(k,v)*D*fp16*ctx*batch, twice: a TensorRT session ping-pongs two copies of the cache
+    assert plan.memory["kv_cache_bytes"] == 2 * 2 * 2 * 32 * 2 * c.max * b.max * 2
     assert plan.onnxruntime is None
     assert plan.shapes == {k: [v.min, v.opt, v.max] for k, v in profile.shapes.items()}
 
@@ -160,23 +161,23 @@ def test_ort_cpu_build_validates(exported, hf_folder, tmp_path, architecture):
 
     profile = _here()
     out = tmp_path / "build"
-    graph = build_engine(exported(architecture, "ort"), profile, out, precision="fp32")  # unquantized: exact parity
-    assert graph.build["runtime"] == "ort-cpu" and graph.build["profile"] == profile
-    assert graph.build["quantization"] == "none"
-    assert graph.build["source_export"]["model_sha256"]
+    engine = build_engine(exported(architecture, "ort"), profile, out, precision="fp32")  # unquantized: exact parity
+    assert engine.runtime == "ort-cpu" and engine.profile == profile and engine.kind == "build"
+    assert engine.quantization == "none" and engine.graph.kind == "build"
+    assert engine.source_export["model_sha256"]
     report = validate(out, str(hf_folder(architecture)), prompt_length=24, steps=16)
     assert report.passed and report.greedy_match == 16
-    _check_last_logits(out, graph)
+    _check_last_logits(out, engine.graph)
 
 
 def _check_last_logits(out, graph):
     """The build's LM head on the last position alone gives that position's logits, for every family."""
     import numpy as np
 
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
 
-    assert graph.build["graph_edits"]["logits_to_keep"] is True
-    session = open_session(out)
+    assert Engine.load(out).details["graph_edits"]["logits_to_keep"] is True
+    session = open_engine(out)
     ids = list(range(3, 3 + 11))
     session.reset(16)
     every = session.forward(ids)  # (S, vocab): validate's view
@@ -189,14 +190,14 @@ def _check_last_logits(out, graph):
 
 def test_build_for_other_hardware_is_refused(exported, tmp_path):
     from edgekit.errors import ArtifactError
-    from edgekit.runtimes.onnxruntime import open_session
+    from edgekit.runtimes.registry import open_engine
 
     here = _here()
     other = "cpu-arm64" if "arm" not in here else "cpu-x86-64"
     out = tmp_path / "other"
     build_engine(exported("Qwen3ForCausalLM", "ort"), other, out)
     with pytest.raises(ArtifactError) as info:
-        open_session(out)
+        open_engine(out)
     assert other in info.value.message and here in info.value.message and "CPU flags" in info.value.message
     assert f"--profile {here}" in info.value.hint
 
@@ -218,7 +219,7 @@ def test_cli_dry_run_and_sidecar(exported, tmp_path):
     assert sidecar["kind"] == "build" and sidecar["export"]["target"] == "ort"
     for key in ("runtime", "profile", "precision", "requirements", "onnxruntime_version", "source_export"):
         assert key in sidecar["build"]
-    assert ExportedGraph.load(out).build["model_file"] == "model.onnx"
+    assert Engine.load(out).graph.model_file == "model.onnx" and ExportedGraph.load(out).kind == "build"
 
 
 

@@ -17,7 +17,6 @@ from edgekit.profiles import Profile, ShapeRange
 from edgekit.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, METHOD_CHOICES, QUANT_CHOICES, QuantSettings
 from edgekit.types import ExportedGraph
 
-RUNTIME_CHOICES = ("ort", "ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16", "fp8", "int8")
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 # Quantized weight bytes per fp32 byte: int8 plus a scale per row; int4 in blocks of 32 with an
@@ -26,8 +25,6 @@ QUANT_SHARE = {"none": 1.0, "int8": 0.27, "int4": 0.18}
 # Share of the profile's memory a build may plan to use: the OS, the runtime's own buffers
 # and activations need the rest (Jetson shares its memory with the CPU).
 MEMORY_SHARE = {"cpu": 0.8, "gpu": 0.9, "jetson": 0.75}
-# First TensorRT versions whose ONNX parser takes these opset-23 ops.
-TENSORRT_OP_VERSIONS = {"Attention": (10, 14), "RotaryEmbedding": (10, 15), "RMSNormalization": (10, 15)}
 
 
 class BuildRefused(EdgekitError):
@@ -66,23 +63,31 @@ class BuildPlan:
 
 
 def make_plan(graph: ExportedGraph, profile: Profile, runtime: str | None = None,
-              precision: str | None = None, quant: QuantOptions | None = None) -> BuildPlan:
-    """Resolve defaults from the profile and check the combination; raises BuildRefused."""
-    profile, notes = fit_positions(graph, profile)
-    runtime = _runtime(profile, runtime)
-    quantize = _quantization(graph, profile, runtime, precision, quant or QuantOptions())
-    precision = _precision(profile, precision)
-    _check_ops(graph, profile, runtime)
-    _check_precision_fits_graph(graph, runtime, precision)
-    memory = memory_estimate(graph, profile, precision, quantize.quantization)
-    from edgekit.runtimes import onnxruntime_build, tensorrt
+              precision: str | None = None, quant: QuantOptions | None = None,
+              strip_weights: bool = False) -> BuildPlan:
+    """Resolve defaults from the profile and check the combination; raises BuildRefused.
 
+    ``strip_weights``: a plan without its weights, refitted at load (runtimes that can: TensorRT).
+    """
+    profile, notes = fit_positions(graph, profile)
+    backend = resolve_runtime(profile, runtime)
+    runtime = backend.names[0]
+    quantize = _quantization(graph, profile, backend, precision, quant or QuantOptions())
+    precision = _precision(profile, precision)
+    _check_precision_fits_graph(graph, precision)
+    for problem in backend.check(graph, profile, precision):
+        raise BuildRefused(problem.message, problem.hint)
+    if strip_weights and not backend.strips_weights:
+        raise BuildRefused(f"--strip-weights applies to plans that refit at load, not {runtime}",
+                           "use --runtime tensorrt, or drop --strip-weights")
+    memory = memory_estimate(graph, profile, precision, quantize.quantization, backend.kv_copies)
+    settings = {"onnxruntime": None, "tensorrt": None,
+                **backend.plan(graph, profile, precision, {"strip_weights": strip_weights})}
     return BuildPlan(
         export=str(graph.path), export_target=graph.target, export_dtype=graph.dtype,
         profile=profile.name, device=profile.device, runtime=runtime, precision=precision,
-        quantization=quantize.quantization, requirements=_requirements(profile, runtime), memory=memory,
-        onnxruntime=onnxruntime_build.plan_settings(graph, profile, runtime, precision) if runtime != "tensorrt" else None,
-        tensorrt=tensorrt.plan_settings(graph, profile, precision) if runtime in ("tensorrt", "ort-tensorrt") else None,
+        quantization=quantize.quantization, requirements=_requirements(profile, backend), memory=memory,
+        onnxruntime=settings["onnxruntime"], tensorrt=settings["tensorrt"],
         quant_method=quantize.method, quant_block_size=quantize.block_size,
         quant_accuracy_level=quantize.accuracy_level,
         quant_lm_head=quantize.lm_head if quantize.quantization != "none" else None, calibration=quantize.calibration,
@@ -120,7 +125,7 @@ class QuantOptions:
     embeddings: bool = True  # int4: the embedding table too; most of a 0.6B model's bytes are its vocabulary
 
 
-def _quantization(graph: ExportedGraph, profile: Profile, runtime: str, precision: str | None,
+def _quantization(graph: ExportedGraph, profile: Profile, runtime: Any, precision: str | None,
                   asked: QuantOptions) -> QuantSettings:
     """Weight-only quantization: the profile's default on CPU profiles unless --precision is given."""
     quant = asked.quantization
@@ -138,8 +143,8 @@ def _quantization(graph: ExportedGraph, profile: Profile, runtime: str, precisio
                           f"use one of: {', '.join(QUANT_CHOICES)}")
     if quant == "none":
         return QuantSettings("none")
-    if runtime != "ort-cpu":
-        raise BuildRefused(f"--quant {quant} is built for ONNX Runtime's CPU EP only so far, not {runtime}",
+    if quant not in runtime.weight_quantization:
+        raise BuildRefused(f"--quant {quant} is built for ONNX Runtime's CPU EP only so far, not {runtime.names[0]}",
                            "use a CPU profile (--runtime ort), or --quant none")
     if quant not in profile.hardware["precisions"]:
         raise BuildRefused(f"{quant} is not among {profile.name}'s precisions", f"use one of: {', '.join(profile.hardware['precisions'])}")
@@ -165,16 +170,18 @@ def _quantization(graph: ExportedGraph, profile: Profile, runtime: str, precisio
                          embeddings=asked.embeddings)
 
 
-def _runtime(profile: Profile, runtime: str | None) -> str:
-    if runtime is None:
-        return profile.defaults["runtimes"][0]
-    if runtime not in RUNTIME_CHOICES:
-        raise ConfigError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIME_CHOICES)}{did_you_mean(runtime, list(RUNTIME_CHOICES))}",
-                          f"use one of: {', '.join(RUNTIME_CHOICES)}")
-    if runtime == "ort":
-        runtime = next((r for r in profile.defaults["runtimes"] if r.startswith("ort-")), "ort-cpu")
-    if profile.device == "cpu" and runtime != "ort-cpu":
-        raise BuildRefused(f"runtime {runtime} needs an NVIDIA GPU; profile {profile.name} is a CPU",
+def resolve_runtime(profile: Profile, name: str | None) -> Any:
+    """The runtime ``--runtime name`` means on ``profile`` (default: the profile's first; a family
+    such as ``ort``: the profile's first of that family), refused where its device cannot run it."""
+    from edgekit.runtimes.registry import get_runtime
+
+    if name is None:
+        runtime = get_runtime(profile.defaults["runtimes"][0], what=f"profile {profile.name}'s runtime")
+    else:
+        runtime = get_runtime(name, prefer=profile.defaults["runtimes"], what="--runtime")
+    if (runtime.device == "cpu") != (profile.device == "cpu"):
+        needs = "an NVIDIA GPU" if runtime.device == "gpu" else "a CPU profile"
+        raise BuildRefused(f"runtime {runtime.names[0]} needs {needs}; profile {profile.name} is a {profile.device}",
                            "use --runtime ort on CPU profiles, or a GPU profile (edgekit profiles list)")
     return runtime
 
@@ -195,44 +202,20 @@ def _precision(profile: Profile, precision: str | None) -> str:
     return precision
 
 
-def _check_ops(graph: ExportedGraph, profile: Profile, runtime: str) -> None:
-    if runtime in ("tensorrt", "ort-tensorrt") and graph.custom_ops:
-        raise BuildRefused(
-            f"TensorRT cannot parse {', '.join(graph.custom_ops)} in {graph.path} (exported for --target {graph.target})",
-            "re-export with --target portable (TensorRT >= 10.15) or --target decomposed (TensorRT 10.3, JetPack 6)",
-        )
-    if runtime in ("tensorrt", "ort-tensorrt"):
-        floor = tuple(int(p) for p in profile.tensorrt["min_version"].split(".")[:2])
-        too_new = sorted(op for op, since in TENSORRT_OP_VERSIONS.items() if op in graph.ops and floor < since)
-        if too_new:
-            raise BuildRefused(
-                f"{', '.join(too_new)} in {graph.path} need a newer TensorRT than {profile.name}'s "
-                f"{profile.tensorrt['min_version']} can parse",
-                "re-export with --target decomposed, which uses plain ONNX ops only",
-            )
-    if runtime == "ort-cuda" and graph.target != "ort":
-        raise BuildRefused(
-            f"{graph.path} was exported for --target {graph.target}; ONNX Runtime's CUDA EP has been seen "
-            "running opset-23 Attention on the CPU",
-            "re-export with --target ort (GroupQueryAttention) for ort-cuda",
-        )
-
-
-def _check_precision_fits_graph(graph: ExportedGraph, runtime: str, precision: str) -> None:
+def _check_precision_fits_graph(graph: ExportedGraph, precision: str) -> None:
     if precision in ("fp8", "int8") and "QuantizeLinear" not in graph.ops:
         raise BuildRefused(
             f"precision {precision} needs a graph with Q/DQ nodes; {graph.path} has none",
             "use --precision fp16 (or bf16); quantized builds come from quantization",
         )
-    if runtime.startswith("ort-") and runtime != "ort-tensorrt" and precision != graph.dtype and precision not in ("fp8", "int8"):
-        raise BuildRefused(
-            f"ONNX Runtime runs the graph in the dtype it was exported in ({graph.dtype}), not {precision}",
-            f"re-export with --dtype {precision}, or pass --precision {graph.dtype}",
-        )
 
 
-def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str, quantization: str = "none") -> dict[str, Any]:
-    """Weights + KV cache at the profile's max context and batch, against its memory; refuses over budget."""
+def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str, quantization: str = "none",
+                    kv_copies: int = 1) -> dict[str, Any]:
+    """Weights + KV cache at the profile's max context and batch, against its memory; refuses over budget.
+
+    ``kv_copies``: cache buffers per tensor (2 where the runtime ping-pongs past and present).
+    """
     stored = model_bytes(graph.model_path)
     weights = int(stored * BYTES[precision] / BYTES[graph.dtype]) if precision in ("fp16", "bf16") else stored
     weights = int(weights * QUANT_SHARE[quantization])
@@ -242,7 +225,7 @@ def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str, quan
     # Linear-attention layers hold fixed-size states (the recurrent one in fp32) whatever the context.
     fixed = sum(math.prod(shape) * (4 if part == "recurrent" else BYTES[kv_dtype])
                 for layer in graph.layers if not layer.has_kv for part, shape in layer.states.items())
-    kv = (per_token * context + fixed) * batch
+    kv = (per_token * context + fixed) * batch * kv_copies
     budget = int(profile.hardware["memory_gb"] * 1e9 * MEMORY_SHARE[profile.device])
     estimate = {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv,
                 "budget_bytes": budget, "context": context, "batch": batch}
@@ -256,16 +239,10 @@ def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str, quan
     return estimate
 
 
-def _requirements(profile: Profile, runtime: str) -> dict[str, Any]:
+def _requirements(profile: Profile, runtime: Any) -> dict[str, Any]:
     req: dict[str, Any] = {"device": profile.device}
     if profile.is_gpu:
         req["compute_capability"] = profile.hardware["compute_capability"]
     else:
         req["cpu_flags"] = list(profile.hardware["cpu_flags"])
-    if runtime in ("tensorrt", "ort-tensorrt"):
-        req["tensorrt"] = ">=" + profile.tensorrt["min_version"]  # the build pins the exact version it used
-    if runtime.startswith("ort-"):
-        from edgekit.runtimes.onnxruntime_build import PROVIDERS
-
-        req["onnxruntime_provider"] = PROVIDERS[runtime]
-    return req
+    return {**req, **runtime.requirements(profile)}

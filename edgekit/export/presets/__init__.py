@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
+
+from edgekit._files import cache_dir  # where presets are materialized
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
 DEFAULT_PRESET = "tiny-code"  # trained on Python source: the demo prints code-like text
@@ -34,9 +35,6 @@ TRAINED: dict[str, Path] = {
 }
 
 
-def cache_dir() -> Path:
-    """Where presets are materialized."""
-    return Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
 
 
 def preset_config(name: str) -> dict:

@@ -12,28 +12,30 @@ from pathlib import Path
 from typing import Any
 
 from edgekit._files import atomic_dir, check_output, sha256_file
-from edgekit.build.plan import BuildPlan, BuildRefused, QuantOptions, make_plan
+from edgekit.engines.plan import BuildPlan, BuildRefused, QuantOptions, make_plan
 from edgekit.profiles import load_profile
 from edgekit.quantize import Progress
-from edgekit.types import SCHEMA_VERSION, SIDECAR, ExportedGraph
+from edgekit.types import SCHEMA_VERSION, SIDECAR, Engine, ExportedGraph
 
 __all__ = ["BuildPlan", "BuildRefused", "QuantOptions", "build_engine", "environment_problems", "plan_build"]
 
 
 def plan_build(export_dir: str | Path, profile: str | Path, runtime: str | None = None,
-               precision: str | None = None, quant: QuantOptions | None = None) -> BuildPlan:
+               precision: str | None = None, quant: QuantOptions | None = None,
+               strip_weights: bool = False) -> BuildPlan:
     """The checked plan for building ``export_dir`` for ``profile`` (nothing is built)."""
     graph = ExportedGraph.load(export_dir)
-    if graph.build is not None:
-        raise BuildRefused(f"{export_dir} is already a build (for {graph.build['profile']})",
+    if graph.kind == "build":
+        raise BuildRefused(f"{export_dir} is already a build (for {Engine.load(export_dir).profile})",
                            "pass the export folder it came from")
-    return make_plan(graph, load_profile(profile), runtime, precision, quant)
+    return make_plan(graph, load_profile(profile), runtime, precision, quant, strip_weights)
 
 
 def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, runtime: str | None = None,
                  precision: str | None = None, force: bool = False, quant: QuantOptions | None = None,
-                 quality_text: str | Path | None = None, on_progress: Progress | None = None) -> ExportedGraph:
-    """Build ``export_dir`` for ``profile`` into ``out``; returns the build, loadable like an export.
+                 quality_text: str | Path | None = None, on_progress: Progress | None = None,
+                 strip_weights: bool = False) -> Engine:
+    """Build ``export_dir`` for ``profile`` into ``out``; returns the ``Engine``.
 
     ``quant`` picks weight-only quantization (default: the profile's, on CPU profiles, unless
     ``precision`` is given); it is applied to the optimized ONNX Runtime model. With
@@ -43,8 +45,11 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
     """
     progress = on_progress or (lambda what, done, total: None)
     out = Path(out)
-    check_output(out, force, "build", inputs=[export_dir])
-    plan = plan_build(export_dir, profile, runtime, precision, quant)
+    # Nothing the build reads may sit inside what --force replaces.
+    inputs = [export_dir, quality_text, (quant or QuantOptions()).calibration,
+              profile if Path(str(profile)).suffix == ".toml" else None]
+    check_output(out, force, "build", inputs=[p for p in inputs if p is not None])
+    plan = plan_build(export_dir, profile, runtime, precision, quant, strip_weights)
     graph = ExportedGraph.load(export_dir)
     _check_environment(plan)
     with atomic_dir(out, force, "build") as tmp:
@@ -54,7 +59,7 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
         _write_sidecar(graph, plan, built, tmp)
         if quality_text is not None:
             _record_quality(graph, tmp, quality_text, progress)
-    return ExportedGraph.load(out)
+    return Engine.load(out)
 
 
 def _record_quality(graph: ExportedGraph, out: Path, text: str | Path, progress: Progress) -> None:
@@ -69,18 +74,18 @@ def _record_quality(graph: ExportedGraph, out: Path, text: str | Path, progress:
 def environment_problems(plan: BuildPlan) -> list[str]:
     """Why this machine cannot build ``plan``, one sentence each; empty when it can.
 
-    GPU builds happen on the target: they need its GPU and runtime. An ONNX Runtime CPU build
-    runs anywhere (a build for another CPU is made here and refused only where it runs).
+    GPU builds happen on the target: they need its GPU and runtime. A CPU build runs anywhere
+    (a build for another CPU is made here and refused only where it runs).
     """
-    if plan.runtime == "ort-cpu":
+    from edgekit.runtimes.registry import get_runtime
+
+    runtime = get_runtime(plan.runtime)
+    if runtime.device == "cpu":
         return []
     from edgekit.doctor import detect, missing_requirements
 
     machine = detect()
-    missing = missing_requirements(plan.requirements, machine)
-    if plan.runtime == "ort-tensorrt" and machine.tensorrt_version and not machine.tensorrt_version.startswith("10."):
-        missing.append(f"ONNX Runtime's TensorRT EP is built against TensorRT 10, found {machine.tensorrt_version}")
-    return missing
+    return missing_requirements(plan.requirements, machine) + runtime.environment_problems(machine)
 
 
 def _check_environment(plan: BuildPlan) -> None:
@@ -94,16 +99,14 @@ def _check_environment(plan: BuildPlan) -> None:
 
 
 def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path, progress: Progress) -> dict[str, Any]:
+    from edgekit.runtimes.registry import get_runtime
+
     progress(f"building {plan.runtime} for {plan.profile}", 0, 0)
-    if plan.runtime == "tensorrt":
-        from edgekit.runtimes import tensorrt
-
-        return {**tensorrt.build(graph, plan.tensorrt, out), "model_file": plan.tensorrt["plan_file"]}
-    from edgekit.runtimes import onnxruntime_build
-
-    built = onnxruntime_build.build(graph, plan.runtime, plan.onnxruntime, out)
-    if plan.runtime == "ort-cpu":
-        built["graph_edits"] = _edit_graph(out / plan.onnxruntime["model_file"], untie=plan.quantization == "none")
+    runtime = get_runtime(plan.runtime)
+    built = runtime.build(graph, plan, out)
+    model = out / built["model_file"]
+    if getattr(runtime, "edits_graph", False):
+        built["graph_edits"] = _edit_graph(model, untie=plan.quantization == "none")
     if plan.quantization != "none":
         # After ORT's own optimization: its constant folding turns the tied lm_head's Transpose
         # into an initializer the quantizer can take, and fusions never see MatMulNBits.
@@ -112,14 +115,14 @@ def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path, progress: Pro
         settings = QuantSettings(plan.quantization, plan.quant_method, plan.quant_block_size,
                                  plan.quant_accuracy_level, bool(plan.quant_lm_head), plan.calibration,
                                  bool(plan.quant_embeddings))
-        built["quantize"] = quantize_model(graph, out / plan.onnxruntime["model_file"], settings, progress)
-    return {**built, "model_file": plan.onnxruntime["model_file"]}
+        built["quantize"] = quantize_model(graph, model, settings, progress)
+    return built
 
 
 def _edit_graph(model: Path, untie: bool) -> dict[str, Any]:
-    """Last-position logits and one tied LM head: see :mod:`edgekit.build.graph_edits`."""
+    """Last-position logits and one tied LM head: see :mod:`edgekit.engines.graph_edits`."""
     from edgekit._files import model_files
-    from edgekit.build.graph_edits import edit_build
+    from edgekit.engines.graph_edits import edit_build
     from edgekit.errors import require
 
     onnx = require("onnx", ("cpu", "gpu"))
@@ -135,8 +138,7 @@ def _edit_graph(model: Path, untie: bool) -> dict[str, Any]:
 def _write_sidecar(graph: ExportedGraph, plan: BuildPlan, built: dict[str, Any], out: Path) -> None:
     export_data = json.loads((graph.path / SIDECAR).read_text())
     plan_data = plan.to_dict()
-    if built.get("tensorrt_version"):  # an engine loads only on the TensorRT that built it
-        plan_data["requirements"]["tensorrt"] = built["tensorrt_version"]
+    plan_data["requirements"].update(built.pop("requirements", {}))  # what the runtime pinned when it built
     data = {
         "schema_version": SCHEMA_VERSION,
         "kind": "build",
