@@ -6,6 +6,8 @@ assert the execution provider really in use: ONNX Runtime silently falls back to
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
 
 import pytest
@@ -53,5 +55,58 @@ def export_for(tmp_path_factory):
             export_model("tiny-qwen3", out, target=target, dtype=dtype)
             made[(target, dtype)] = out
         return made[(target, dtype)]
+
+    return make
+
+
+# -- native TensorRT (test_tensorrt_session.py, test_tensorrt_engines.py) ----------------------
+
+SHAPES = {"batch": (1, 1, 1), "prompt": (1, 16, 64), "context": (1, 128, 256)}
+
+
+def _need(*modules: str) -> None:
+    for module in modules:
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            pytest.skip(f"{module} is not installed here")
+
+
+@pytest.fixture(scope="session")
+def cuda_ready(profile):
+    from edgekit.errors import MissingDependencyError
+    from edgekit.runtimes.tensorrt_session import _cudart
+
+    try:
+        _cudart()
+    except MissingDependencyError as exc:
+        pytest.skip(f"cuda-python: {exc.message}")
+    return profile
+
+
+@pytest.fixture(scope="session")
+def trt_profile(cuda_ready):
+    """The chosen profile with small shapes; skips without TensorRT."""
+    from edgekit.profiles import ShapeRange
+    from edgekit.runtimes import tensorrt
+
+    reason = tensorrt.is_available()
+    if reason:
+        pytest.skip(f"TensorRT: {reason}")
+    return dataclasses.replace(cuda_ready, shapes={k: ShapeRange(*v) for k, v in SHAPES.items()})
+
+
+@pytest.fixture(scope="session")
+def export_of(tmp_path_factory):
+    """factory(preset, target) -> an fp32 export of a tiny preset (needs the export stack)."""
+    made = {}
+
+    def make(preset: str, target: str = "decomposed"):
+        _need("torch", "transformers", "onnxscript", "onnxruntime")
+        from edgekit.export import export_model
+
+        if (preset, target) not in made:
+            out = tmp_path_factory.mktemp("trt-session") / f"{preset}-{target}"
+            export_model(preset, out, target=target, dtype="fp32")
+            made[(preset, target)] = out
+        return made[(preset, target)]
 
     return make
