@@ -54,7 +54,13 @@ class OrtRuntime:
 
     def check(self, graph: ExportedGraph, profile: Profile, precision: str) -> list[EdgekitError]:
         """Refusals for ``graph`` at ``precision`` on this provider."""
+        from edgekit.runtimes.onnxruntime import NUMPY_DTYPES
+
         problems = []
+        if graph.dtype not in NUMPY_DTYPES:  # OrtSession binds its cache in these dtypes only
+            problems.append(EdgekitError(
+                f"{graph.path} is a {graph.dtype} export; edgekit's ONNX Runtime sessions run "
+                f"{' and '.join(NUMPY_DTYPES)} graphs", "re-export with --dtype fp16 (or fp32)"))
         if self.context_model:
             from edgekit.runtimes.tensorrt import parse_problems
 

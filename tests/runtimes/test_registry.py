@@ -177,3 +177,10 @@ def test_an_engine_of_an_unknown_runtime_fits_nowhere_but_does_not_stop_the_choi
     from edgekit.runtimes.registry import engine_missing
 
     assert engine_missing("ort-npu", {}, detect())[0].startswith("runtime 'ort-npu' is not one this edgekit knows")
+
+
+def test_onnx_runtime_refuses_a_graph_its_sessions_cannot_open(exported):
+    from edgekit.engines import BuildRefused, plan_build
+
+    with pytest.raises(BuildRefused, match="is a bf16 export; edgekit's ONNX Runtime sessions run fp32 and fp16"):
+        plan_build(exported("Qwen3ForCausalLM", "ort", "bf16"), "l4", runtime="ort-cuda", precision="bf16")
