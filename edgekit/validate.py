@@ -72,7 +72,7 @@ def validate(
     vocab = graph.model.vocab_size
     prompt = np.random.default_rng(seed).integers(1, vocab, size=prompt_length).tolist()
     ref_logits, ref_tokens = _reference(reference, prompt, steps)
-    session = open_engine(path)
+    session = open_engine(engine)
     session.reset(prompt_length + steps)
     got = [session.forward(prompt)]
     for token in ref_tokens[:-1]:

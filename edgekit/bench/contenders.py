@@ -120,13 +120,14 @@ class EdgekitContender(SessionContender):
     def __init__(self, path: str | Path, threads: int | None = None, name: str = "edgekit",
                  wrap: Callable[[Any], Any] | None = None):
         self.path, self.threads, self.wrap = Path(path), threads, wrap
-        super().__init__(name, device=_uses_gpu(Engine.load(path)))
+        self.engine = Engine.load(path)
+        super().__init__(name, device=_uses_gpu(self.engine))
 
     def _open(self) -> tuple[Any, int | None, str]:
         from edgekit.runtimes.registry import open_engine
 
-        session = open_engine(self.path, threads=self.threads)
-        engine = Engine.load(self.path)
+        engine = self.engine
+        session = open_engine(engine, threads=self.threads)
         weights = engine.quantized or engine.graph.dtype
         detail = (f"edgekit {engine.graph.target} {weights}{' build' if engine.kind == 'build' else ''}, "
                   f"{session.describe().removesuffix('ExecutionProvider')}")

@@ -18,7 +18,8 @@ from edgekit.errors import ArtifactError, ConfigError, RuntimeUnavailableError, 
 from edgekit.runtimes.base import Runtime, Session
 
 _RUNTIMES: dict[str, Runtime] = {}
-_LOADED: set[str] = set()  # extra files already imported, and "" once the package was searched
+_LOADED: set[str] = set()  # EDGEKIT_RUNTIMES files already imported
+_SEARCHED = [False]  # whether the package's own runtime modules were imported
 
 
 def register(runtime: Runtime) -> Runtime:
@@ -48,13 +49,13 @@ def load_runtime_file(path: str | Path) -> Runtime:
 def runtimes(extras: bool = True) -> dict[str, Runtime]:
     """{name: runtime} for every runtime module of the package and (with ``extras``) of
     ``EDGEKIT_RUNTIMES``."""
-    if "" not in _LOADED:
+    if not _SEARCHED[0]:
         package = importlib.import_module("edgekit.runtimes")
         for info in pkgutil.iter_modules(package.__path__):
             module = importlib.import_module(f"edgekit.runtimes.{info.name}")
             if hasattr(module, "RUNTIME"):
                 register(module.RUNTIME)
-        _LOADED.add("")
+        _SEARCHED[0] = True
     for extra in filter(None, os.environ.get("EDGEKIT_RUNTIMES", "").split(os.pathsep) if extras else []):
         if extra not in _LOADED:
             load_runtime_file(extra)
@@ -90,11 +91,12 @@ def require_available(runtime: Runtime) -> None:
                                       f"pip install 'edgekit-llm[{runtime.extra}]'")
 
 
-def open_engine(path: str | Path, threads: int | None = None, memory_map: bool | None = None) -> Session:
-    """Open an export or build folder on its runtime; a build must fit this machine."""
+def open_engine(path: str | Path | Any, threads: int | None = None, memory_map: bool | None = None) -> Session:
+    """Open an export or build folder (or an ``Engine`` already loaded) on its runtime; a build must
+    fit this machine."""
     from edgekit.types import Engine
 
-    engine = Engine.load(path)
+    engine = path if isinstance(path, Engine) else Engine.load(path)
     runtime = get_runtime(engine.runtime)
     if engine.kind == "build":
         check_engine_fits(engine)

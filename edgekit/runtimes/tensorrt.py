@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import ArtifactError, EdgekitError, RuntimeUnavailableError
+from edgekit.errors import EdgekitError, RuntimeUnavailableError
 from edgekit.profiles import Profile
 from edgekit.types import ExportedGraph, state_io
 
@@ -224,9 +224,8 @@ class TensorrtRuntime:
         # (a bundle unpacks the export a stripped plan needs next to it).
         siblings = sorted(p for p in engine.path.parent.iterdir() if p.is_dir() and p != engine.path)
         folders = tuple(Path(p) for p in ((engine.source_export or {}).get("path"), *siblings) if p)
-        plan = engine.path / settings["plan_file"]
-        refit = refit_folder(plan, settings, folders, engine.details.get("refit_files") or {})
-        return TensorrtSession(engine.graph, plan, settings, refit_folders=refit)
+        return TensorrtSession(engine.graph, engine.path / settings["plan_file"], settings, refit_folders=folders,
+                               refit_files=engine.details.get("refit_files"))
 
 
 def refit_identity(model: Path) -> dict[str, dict[str, Any]]:
@@ -234,27 +233,6 @@ def refit_identity(model: Path) -> dict[str, dict[str, Any]]:
     from edgekit._files import model_files, sha256_file
 
     return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in model_files(model)}
-
-
-def refit_folder(plan: Path, settings: dict[str, Any], folders: tuple[Path, ...],
-                 recorded: dict[str, dict[str, Any]]) -> tuple[Path, ...]:
-    """``(folder,)``: the first of ``folders`` holding the very weights a stripped plan was built
-    with (sizes, then sha256: TensorRT would refit other weights without a word); ``()`` for a
-    full plan."""
-    if not settings.get("strip_weights"):
-        return ()
-    model = settings["refit_from"]
-
-    def same(folder: Path) -> bool:
-        sizes = {name: (folder / name).stat().st_size for name in recorded if (folder / name).is_file()}
-        return sizes == {n: w["bytes"] for n, w in recorded.items()} and refit_identity(folder / model) == recorded
-
-    found = next((folder for folder in folders if (folder / model).is_file() and same(folder)), None)
-    if found is None:
-        raise ArtifactError(f"{plan} was built without its weights, and none of {', '.join(map(str, folders)) or 'no folder'} "
-                            f"holds the {model} it was built from",
-                            "keep the export it was built from (or package it into the bundle), or rebuild a full plan")
-    return (found,)
 
 
 RUNTIME = TensorrtRuntime()

@@ -278,22 +278,34 @@ def _host_dtype(dtype: str) -> np.dtype:
     return np.dtype(np.uint16 if dtype == "bfloat16" else dtype)
 
 
-def refit_source(plan_path: Path, settings: dict[str, Any], folders: tuple[Path, ...] = ()) -> Path | None:
+def refit_source(plan_path: Path, settings: dict[str, Any], folders: tuple[Path, ...] = (),
+                 recorded: dict[str, dict[str, Any]] | None = None) -> Path | None:
     """The ONNX file a weight-stripped plan takes its weights from: None for a full plan.
 
-    Looked for in ``folders`` (the source export, a bundle's weights) then beside the plan.
+    Looked for in ``folders`` (the source export, a bundle's weights) then beside the plan. With
+    ``recorded`` (the build's ``tensorrt.refit_identity``), only the very files the plan was built
+    with count (sizes, then sha256): TensorRT would refit from other weights without a word.
     """
     if not settings.get("strip_weights"):
         return None
     name = settings["refit_from"]
     candidates = [Path(folder) / name for folder in (*folders, Path(plan_path).parent)]
-    found = next((path for path in candidates if path.is_file()), None)
+    found = next((path for path in candidates if path.is_file() and _same_weights(path, recorded)), None)
     if found is None:
         raise ArtifactError(
             f"{plan_path} was built without its weights; refitting needs {name}, in none of: "
             + ", ".join(str(path.parent) for path in candidates),
             "keep the export it was built from (its ONNX file and weights), or rebuild a full plan")
     return found
+
+
+def _same_weights(model: Path, recorded: dict[str, dict[str, Any]] | None) -> bool:
+    from edgekit.runtimes.tensorrt import refit_identity
+
+    if not recorded:
+        return True
+    sizes = {name: (model.parent / name).stat().st_size for name in recorded if (model.parent / name).is_file()}
+    return sizes == {name: want["bytes"] for name, want in recorded.items()} and refit_identity(model) == recorded
 
 
 class CudaStream:
@@ -462,13 +474,14 @@ class TensorrtSession(PlanSession):
     """One sequence on a native TensorRT plan, on the GPU; the Session contract.
 
     ``settings``: the build's TensorRT settings (``tensorrt.plan_settings`` plus what ``build``
-    recorded). ``refit_folders``: where a weight-stripped plan's ONNX may be (the source export).
+    recorded). ``refit_folders``: where a weight-stripped plan's ONNX may be (the source export);
+    ``refit_files``: the identity of the weights it was built with (see ``refit_source``).
     """
 
     def __init__(self, graph: ExportedGraph, plan_path: str | Path, settings: dict[str, Any],
-                 refit_folders: tuple[Path, ...] = ()):
+                 refit_folders: tuple[Path, ...] = (), refit_files: dict[str, dict[str, Any]] | None = None):
         plan_path = Path(plan_path)
-        refit = refit_source(plan_path, settings, refit_folders)
+        refit = refit_source(plan_path, settings, refit_folders, refit_files)
         executor = TrtExecutor(plan_path, refit, host_code=bool(settings.get("version_compatible")))
         try:
             super().__init__(graph, buffer_plan(graph, settings["shape_profile"]), executor, executor.describe())

@@ -9,7 +9,8 @@ import pytest
 
 from edgekit.engines import BuildRefused, plan_build
 from edgekit.errors import ArtifactError
-from edgekit.runtimes.tensorrt import refit_folder, refit_identity
+from edgekit.runtimes.tensorrt import refit_identity
+from edgekit.runtimes.tensorrt_session import refit_source
 
 
 def test_strip_weights_is_planned_for_tensorrt_and_refused_elsewhere(exported):
@@ -38,10 +39,10 @@ def test_a_stripped_plan_refits_only_from_its_own_weights(exported, tmp_path):
     data = other / "model.onnx.data"
     data.write_bytes(bytes(b ^ 1 for b in data.read_bytes()))
     plan = tmp_path / "build" / "model.plan"
-    assert refit_folder(plan, settings, (tmp_path / "nothing", other, export), recorded) == (export,)
+    assert refit_source(plan, settings, (tmp_path / "nothing", other, export), recorded) == export / "model.onnx"
     with pytest.raises(ArtifactError, match="built without its weights"):
-        refit_folder(plan, settings, (other,), recorded)
-    assert refit_folder(plan, {"strip_weights": False}, (), recorded) == ()  # a full plan needs none
+        refit_source(plan, settings, (other,), recorded)
+    assert refit_source(plan, {"strip_weights": False}, (), recorded) is None  # a full plan needs none
 
 
 def test_a_hardware_compatible_plan_runs_on_any_ampere_or_newer_gpu(exported, tmp_path):
