@@ -1,6 +1,6 @@
 """``measure_quality``: how much a (quantized) engine loses against the fp32 PyTorch reference.
 
-    text ─export's tokenizer→ ids[:max_tokens] ─windows of `window` tokens→
+    text ─export's tokenizer→ ids[:max_tokens] (all: None) ─windows of `window` tokens→
         engine  (session.forward, teacher-forced)  → logits (W, vocab) ┐
         reference (TorchSession.forward, fp32)        → logits (W, vocab) ┴→ perplexity of each,
                                                                               top-1 agreement, KL(ref ‖ engine)
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,11 +50,11 @@ class QualityReport:
         return {**asdict(self), "perplexity_increase": self.perplexity_increase}
 
 
-def measure_quality(path: str | Path, reference: str, text_file: str | Path, max_tokens: int = 1024,
+def measure_quality(path: str | Path, reference: str, text_file: str | Path, max_tokens: int | None = 1024,
                     window: int = WINDOW,
                     on_progress: Callable[[str, int, int], None] | None = None) -> QualityReport:
-    """Teacher-force the first ``max_tokens`` tokens of ``text_file`` through the engine at ``path``
-    and through ``reference`` (folder, preset or hub id) in fp32 PyTorch, and compare.
+    """Teacher-force the first ``max_tokens`` tokens of ``text_file`` (None: the whole text) through
+    the engine at ``path`` and through ``reference`` (folder, preset or hub id) in fp32 PyTorch, and compare.
 
     ``on_progress(what, done, total)`` is called before the models load and after each window.
     """
@@ -62,22 +63,35 @@ def measure_quality(path: str | Path, reference: str, text_file: str | Path, max
     from edgekit.runtimes.torch import TorchSession, load_reference
 
     graph = ExportedGraph.load(path)
-    windows = _windows(_token_ids(graph, Path(text_file), max_tokens), min(window, graph.model.max_position_embeddings))
-    progress("loading the engine and the reference", 0, len(windows))
+    ids = text_token_ids(graph, text_file, max_tokens)
+    progress("loading the engine and the reference", 0, 0)
     engine, ref = open_engine(path), TorchSession(load_reference(reference))
+    return score_sessions(engine, ref, ids, min(window, graph.model.max_position_embeddings), str(text_file), progress)
+
+
+def score_sessions(engine: Any, reference: Any, ids: list[int], window: int, text_file: str = "",
+                   on_progress: Callable[[str, int, int], None] | None = None) -> QualityReport:
+    """Compare two teacher-forced sessions on ``ids``, in consecutive windows of ``window`` tokens.
+
+    ``engine`` and ``reference`` are anything with ``reset(capacity)`` and ``forward(ids) -> (S, vocab)``
+    logits: an engine's session, a PyTorch reference, or an ONNX Runtime session on another graph
+    (a GPU precision's graph scored against the fp32 export on CPU).
+    """
+    progress = on_progress or (lambda what, done, total: None)
+    windows = _windows(ids, window)
     sums = np.zeros(4)  # engine NLL, reference NLL, top-1 agreements, KL; summed over predicted tokens
     count = 0
-    for done, ids in enumerate(windows, 1):
-        engine.reset(len(ids))
-        ref.reset(len(ids))
-        got = _log_softmax(engine.forward(ids)[:-1])  # (W - 1, vocab): predictions of ids[1:]
-        want = _log_softmax(ref.forward(ids)[:-1])
-        targets = np.asarray(ids[1:])
+    for done, chunk in enumerate(windows, 1):
+        engine.reset(len(chunk))
+        reference.reset(len(chunk))
+        got = _log_softmax(engine.forward(chunk)[:-1])  # (W - 1, vocab): predictions of chunk[1:]
+        want = _log_softmax(reference.forward(chunk)[:-1])
+        targets = np.asarray(chunk[1:])
         rows = np.arange(len(targets))
         sums += [-got[rows, targets].sum(), -want[rows, targets].sum(),
                  (got.argmax(-1) == want.argmax(-1)).sum(), (np.exp(want) * (want - got)).sum()]
         count += len(targets)
-        progress(f"scoring {Path(text_file).name}, window by window", done, len(windows))
+        progress(f"scoring {Path(text_file).name or 'the text'}, window by window", done, len(windows))
     nll, ref_nll, agree, kl = sums / count
     perplexity, reference_perplexity, top1 = float(np.exp(nll)), float(np.exp(ref_nll)), float(agree)
     return QualityReport(
@@ -87,12 +101,17 @@ def measure_quality(path: str | Path, reference: str, text_file: str | Path, max
     )
 
 
-def _token_ids(graph: ExportedGraph, text_file: Path, max_tokens: int) -> list[int]:
+def text_token_ids(graph: ExportedGraph, text_file: str | Path, max_tokens: int | None = None) -> list[int]:
+    """``text_file`` encoded with the export's tokenizer: its first ``max_tokens`` tokens (None: all)."""
+    return _token_ids(graph, Path(text_file), max_tokens)
+
+
+def _token_ids(graph: ExportedGraph, text_file: Path, max_tokens: int | None) -> list[int]:
     from edgekit.tokenizer import load_tokenizer
 
     if not text_file.is_file():
         raise EdgekitError(f"--quality {text_file}: no such file", "pass a UTF-8 text file, e.g. held-out source code")
-    if max_tokens < 2:
+    if max_tokens is not None and max_tokens < 2:
         raise EdgekitError(f"max_tokens must be >= 2, got {max_tokens}", "e.g. max_tokens=1024")
     tokenizer = load_tokenizer(graph)
     if tokenizer is None:

@@ -7,7 +7,13 @@
 # Offline by design: edgekit runs from this working tree through PYTHONPATH (nothing is
 # installed, nothing downloaded). PYTHON picks the interpreter (default: python3).
 # Without --profile: the shipped GPU profile that fits this GPU, else l4. -rsP: every skip with its
-# reason, and the output of passed tests (the decode bench prints its TTFT / TPOT).
+# reason, and the output of passed tests (the decode bench prints its TTFT / TPOT; the precision
+# tests print their quality figures).
+#
+# The suites: test_gpu_builds.py (ONNX Runtime CUDA / TensorRT EP builds), test_tensorrt_session.py
+# and test_tensorrt_engines.py (native plans, bundles), test_precisions.py (each GPU precision built
+# for the profile and run here: fp16 / bf16 greedy parity, int4 / fp8 quality, a stripped int4 plan
+# refitted from its build folder's graph, ort-cuda fp16 / int4 / int8). ONLY=precisions runs that one.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -81,7 +87,9 @@ EOF
 fi
 
 echo "== hardware tests (at most ${BUDGET_S}s)"
-timeout -k 10 "$BUDGET_S" "$PY" -m pytest hardware_tests -q -rsP -p no:cacheprovider "${ARGS[@]}"
+TESTS=hardware_tests
+[ -n "${ONLY:-}" ] && TESTS="hardware_tests/test_${ONLY}.py"
+timeout -k 10 "$BUDGET_S" "$PY" -m pytest "$TESTS" -q -rsP -p no:cacheprovider "${ARGS[@]}"
 rc=$?
 if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
   echo "error: the hardware tests ran past ${BUDGET_S}s and were stopped"

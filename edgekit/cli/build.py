@@ -32,13 +32,20 @@ def build(
     profile: str = typer.Option(..., "--profile", help="A profile name (edgekit profiles list) or a .toml path."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (not needed with --dry-run)."),
     runtime: str = typer.Option(None, "--runtime", help=f"{' | '.join(_runtime_choices())} (default: the profile's first)."),
-    precision: str = typer.Option(None, "--precision", help="fp32 | fp16 | bf16 | fp8 | int8 (default: the profile's)."),
-    quant: str = typer.Option(None, "--quant", help="none | int8 | int4 weight-only (default: the profile's on CPU profiles, unless --precision is given)."),
-    quant_method: str = typer.Option(None, "--quant-method", help="int4: rtn (default) | gptq (needs --calibration)."),
-    block_size: int = typer.Option(None, "--block-size", help="int4: weights per scale (default: the profile's, else 32)."),
-    calibration: Path = typer.Option(None, "--calibration", help="Text file for GPTQ calibration, tokenized with the export's tokenizer."),
-    quant_lm_head: bool = typer.Option(True, "--quant-lm-head/--no-quant-lm-head", help="Quantize the output projection too."),
-    quant_embeddings: bool = typer.Option(True, "--quant-embeddings/--no-quant-embeddings", help="int4: quantize the embedding table too (GatherBlockQuantized)."),
+    precision: str = typer.Option(None, "--precision", help=(
+        "fp32 | fp16 | bf16 | fp8 | int8 | int4 (default: the profile's). On GPU profiles the precision is "
+        "put in the graph: int4 = weight-only DequantizeLinear with fp16 activations; int8 = the same on ort-cuda, "
+        "SmoothQuant W8A8 Q/DQ on TensorRT (needs --calibration); fp8 = e4m3 Q/DQ (needs --calibration); "
+        "see docs/precisions.md.")),
+    quant: str = typer.Option(None, "--quant", help="CPU profiles: none | int8 | int4 weight-only with ONNX Runtime's quantizers (default: the profile's, unless --precision is given). GPU profiles: use --precision."),
+    quant_method: str = typer.Option(None, "--quant-method", help="CPU int4: rtn (default) | gptq; GPU int4 / int8: rtn (default) | awq. gptq and awq need --calibration."),
+    block_size: int = typer.Option(None, "--block-size", help="int4 / int8: weights per scale (default: the profile's; 32 on CPU, 128 on GPU)."),
+    calibration: Path = typer.Option(None, "--calibration", help="Text file for GPTQ / AWQ / fp8 calibration, tokenized with the export's tokenizer."),
+    quant_lm_head: bool = typer.Option(None, "--quant-lm-head/--no-quant-lm-head", help="Quantize the output projection too (default: yes; fp8: no)."),
+    quant_embeddings: bool = typer.Option(None, "--quant-embeddings/--no-quant-embeddings", help="int4: quantize the embedding table too (default: yes on CPU profiles, no on GPU ones)."),
+    graph_only: bool = typer.Option(False, "--graph-only", help=(
+        "GPU profiles: write and check the ONNX graph the runtime would get (precision, Q/DQ) into OUT, "
+        "without TensorRT or a GPU; --quality then measures it on ONNX Runtime's CPU provider.")),
     quality: Path = typer.Option(None, "--quality", help="Measure perplexity / top-1 agreement / KL against the source model on this text; recorded in the sidecar."),
     dry_run: bool = typer.Option(False, "--dry-run", help=(
         "Print the checked build plan and whether this machine can build it; build nothing.")),
@@ -52,6 +59,9 @@ def build(
     from edgekit.engines import QuantOptions, build_engine, environment_problems, plan_build
     from edgekit.cli._progress import progress_bar
 
+    if graph_only and dry_run:
+        raise EdgekitError("--graph-only and --dry-run contradict: one writes the graph, the other writes nothing",
+                           "drop one of them")
     q = QuantOptions(quant, quant_method, block_size, quant_lm_head, str(calibration) if calibration else None,
                      quant_embeddings)
     if dry_run:
@@ -66,20 +76,49 @@ def build(
         raise EdgekitError("--out is required unless --dry-run", "e.g. -o builds/my-model-l4")
     with progress_bar(enabled=not json_out) as progress:
         engine = build_engine(export_dir, profile, out, runtime=runtime, precision=precision, force=force, quant=q,
-                              quality_text=quality, on_progress=progress, strip_weights=strip_weights)
+                              quality_text=quality, on_progress=progress, strip_weights=strip_weights,
+                              graph_only=graph_only)
     if json_out:
         print_json(engine.details)
         return
     b = engine.details
+    if b.get("graph_only"):
+        _print_graph(export_dir, out, b)
+        return
     quantized = f", {b['quantization']} {b.get('quant_method') or ''}".rstrip() if b.get("quantization", "none") != "none" else ""
     console.print(f"[green]built[/] {escape(str(export_dir))} → {escape(str(out))}  ({b['runtime']}, "
                   f"{b['precision']}{quantized}, profile {escape(b['profile'])}, {b['memory']['total_bytes'] / 1e6:.1f} MB planned)")
+    if b.get("graph"):
+        console.print(f"graph: {escape(_graph_text(b['graph']))}")
     for note in b.get("notes", []):
         console.print(f"[yellow]note:[/] {escape(note)}")
+    _print_quality(b)
+
+
+def _print_quality(b: dict) -> None:
     if "quality" in b:
         r = b["quality"]
         console.print(f"quality: perplexity {r['perplexity']:.3f} vs {r['reference_perplexity']:.3f} "
-                      f"({r['perplexity_increase']:+.1%}), top-1 agreement {r['top1_agreement']:.1%}, KL {r['kl_divergence']:.4f}")
+                      f"({r['perplexity_increase']:+.1%}), top-1 agreement {r['top1_agreement']:.1%}, KL {r['kl_divergence']:.4f}"
+                      + (f" over {r['tokens']} tokens" if "tokens" in r else ""))
+        if "measured_on" in r:
+            console.print(f"  measured on {escape(r['measured_on'])}, against the {escape(r['reference'])}")
+
+
+def _print_graph(export_dir: Path, out: Path, b: dict) -> None:
+    """A --graph-only build: what graph was written, for which runtime, and its figures."""
+    from edgekit._files import model_bytes
+
+    g = b.get("graph") or {}
+    size = model_bytes(out / b["model_file"])
+    console.print(f"[green]graph written[/] {escape(str(export_dir))} → {escape(str(out / b['model_file']))}  "
+                  f"({b['runtime']}, {escape(_graph_text(g) if g else b['precision'] + ', the export as it is')}, "
+                  f"profile {escape(b['profile'])}, {size / 1e6:.1f} MB; no engine built)")
+    if g:
+        console.print(f"ops: {escape(', '.join(g['ops']))}")
+    for note in b.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    _print_quality(b)
 
 
 def plan_summary(plan: BuildPlan, problems: list[str]) -> Table:
@@ -108,18 +147,35 @@ def _plan_rows(plan: BuildPlan, problems: list[str]) -> list[tuple[str, str]]:
         ("requires", escape(", ".join(f"{k} {' '.join(v) if isinstance(v, list) else v}"
                                       for k, v in plan.requirements.items()))),
     ]
+    if plan.graph:
+        rows.append(("graph", escape(_graph_text(plan.graph)) + " → model.onnx in the build folder (--graph-only makes it here)"))
     if plan.tensorrt:
         trt = plan.tensorrt
-        rows.append(("tensorrt", f"{'+'.join(trt['flags']) or 'FP32'}, workspace {trt['workspace_bytes'] >> 20} MiB, "
+        typing = "strongly typed (precision from the graph)" if trt.get("strongly_typed") else "+".join(trt["flags"]) or "FP32"
+        rows.append(("tensorrt", f"{typing}, workspace {trt['workspace_bytes'] >> 20} MiB, "
                                  f"builder level {trt['builder_optimization_level']}, TensorRT >= {trt['min_version']}"))
     rows += [("note", f"[yellow]{escape(note)}[/]") for note in plan.notes]
     here = "[green]yes[/]" if not problems else "[red]no[/]: " + escape("; ".join(problems))
     return rows + [("buildable here", here)]
 
 
+def _graph_text(g: dict) -> str:
+    """A GPU graph recipe in words: "int4 weight-only rtn, block 128, fp16 activations (LM head int4)"."""
+    if not g.get("weights"):
+        return f"{g['activations']} weights and activations, numerically sensitive ops in fp32"
+    if g["weights"] == "fp8":
+        text = "fp8 e4m3 Q/DQ on weights and activations, fp16 elsewhere"
+    elif g.get("method") == "smoothquant":
+        text = "int8 Q/DQ on weights (per channel) and activations (per tensor), SmoothQuant, fp16 elsewhere"
+    else:
+        text = f"{g['weights']} weight-only {g['method']}, block {g['block_size']}, {g['activations']} activations"
+    kept = [name for name, on in (("LM head", g.get("lm_head")), ("embeddings", g.get("embeddings"))) if not on]
+    return text + (f" ({' and '.join(kept)} {g['activations']})" if kept else "")
+
+
 def _quant(plan: BuildPlan) -> str:
     if plan.quantization == "none":
-        return "none"
+        return "in the graph (see graph)" if plan.graph and plan.graph.get("weights") else "none"
     parts = [f"{plan.quantization} {plan.quant_method or ''}".strip()]
     if plan.quant_block_size:
         parts.append(f"block {plan.quant_block_size}, accuracy level {plan.quant_accuracy_level}")

@@ -1,7 +1,12 @@
 """``build_engine``: compile an export for one hardware profile and runtime.
 
     ExportedGraph + Profile ─make_plan (checks, plain data)→ BuildPlan
+        ─[GPU precision] gpu_graph.make_graph (any machine)→ build folder model.onnx, the graph the runtime gets
         ─runtime build (ONNX Runtime / TensorRT, on the target for GPUs)→ build folder + edgekit.json
+
+``graph_only`` stops before the vendor call: the build folder then holds the checked GPU graph and
+its sidecar (``build.graph_only``), and ``quality_text`` is measured on that graph by ONNX
+Runtime's CPU provider against the fp32 export.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def plan_build(export_dir: str | Path, profile: str | Path, runtime: str | None 
 def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, runtime: str | None = None,
                  precision: str | None = None, force: bool = False, quant: QuantOptions | None = None,
                  quality_text: str | Path | None = None, on_progress: Progress | None = None,
-                 strip_weights: bool = False) -> Engine:
+                 strip_weights: bool = False, graph_only: bool = False) -> Engine:
     """Build ``export_dir`` for ``profile`` into ``out``; returns the ``Engine``.
 
     ``quant`` picks weight-only quantization (default: the profile's, on CPU profiles, unless
@@ -42,6 +47,7 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
     ``quality_text`` the build's quality against the export's source model (PyTorch, fp32) is
     measured on that text and recorded in the sidecar as ``build.quality``.
     ``on_progress(what, done, total)`` follows the long steps (total 0: a step of unknown length).
+    ``graph_only`` (GPU profiles): write and check the graph the runtime would get, without it.
     """
     progress = on_progress or (lambda what, done, total: None)
     out = Path(out)
@@ -51,15 +57,83 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
     check_output(out, force, "build", inputs=[p for p in inputs if p is not None])
     plan = plan_build(export_dir, profile, runtime, precision, quant, strip_weights)
     graph = ExportedGraph.load(export_dir)
-    _check_environment(plan)
+    if graph_only:
+        _check_graph_only(plan, quality_text)
+    else:
+        _check_environment(plan)
     with atomic_dir(out, force, "build") as tmp:
-        built = _run_backend(graph, plan, tmp, progress)
+        contract, made = _gpu_graph(graph, plan, tmp, progress)
+        if graph_only:
+            if made is None:  # the export's graph is what the runtime gets: the folder holds a copy
+                _copy_export_model(graph, tmp)
+            built = {"model_file": contract.model_file, "graph_only": True}
+        else:
+            built = _run_backend(contract, plan, tmp, progress)
+            _drop_unneeded_graph(plan, built, tmp)
+        if made is not None:
+            built["graph"] = made
         for name in graph.tokenizer_files:
             shutil.copy(graph.path / name, tmp / name)
-        _write_sidecar(graph, plan, built, tmp)
-        if quality_text is not None:
+        _write_sidecar(graph, plan, built, tmp, contract)
+        if quality_text is not None and graph_only:
+            _record_cpu_quality(graph, plan, tmp, quality_text, progress)
+        elif quality_text is not None:
             _record_quality(graph, tmp, quality_text, progress)
     return Engine.load(out)
+
+
+def _copy_export_model(graph: ExportedGraph, out: Path) -> None:
+    from edgekit._files import model_files
+
+    for source in model_files(graph.model_path):
+        shutil.copy(source, out / source.name)
+
+
+def _check_graph_only(plan: BuildPlan, quality_text: Any) -> None:
+    if plan.device == "cpu":
+        raise BuildRefused("--graph-only writes a GPU build's graph; a CPU build is made here in full",
+                           "drop --graph-only, or pick a GPU profile")
+    if quality_text is not None and plan.graph is None:
+        raise BuildRefused(f"--quality on a --graph-only build measures a GPU precision's graph; {plan.precision} "
+                           "is the export's own graph", "measure the export itself: edgekit validate EXPORT --quality TEXT")
+
+
+def _gpu_graph(graph: ExportedGraph, plan: BuildPlan, out: Path, progress: Progress):
+    """(the contract of the graph the runtime gets, the sidecar's ``graph`` or None).
+
+    With a GPU precision the graph is made into ``out``; TensorRT parses that file, ONNX Runtime
+    loads it, a weight-stripped plan refits from it. Otherwise the export's own graph.
+    """
+    if plan.graph is None:
+        return graph, None
+    from edgekit.engines.gpu_graph import GraphRecipe, graph_contract, make_graph
+    from edgekit.errors import require
+
+    recipe = GraphRecipe.from_dict(plan.graph)
+    floor = plan.tensorrt["min_version"] if plan.tensorrt else None  # TensorRT's parser reads it
+    made = make_graph(graph, recipe, out, plan.runtime, floor, progress)
+    proto = require("onnx", ("cpu", "gpu")).load(str(out / recipe.model_file), load_external_data=False)
+    return graph_contract(graph, proto, out, recipe.model_file), made
+
+
+def _drop_unneeded_graph(plan: BuildPlan, built: dict[str, Any], out: Path) -> None:
+    """A full TensorRT plan holds its weights: the graph it was parsed from is not shipped twice.
+    A weight-stripped plan refits from it, and ONNX Runtime runs it, so those keep it."""
+    if plan.graph is None or built["model_file"] == plan.graph["model_file"] or built.get("strip_weights"):
+        return
+    from edgekit.engines.gpu_graph import GraphRecipe, remove_graph
+
+    remove_graph(out, GraphRecipe.from_dict(plan.graph))
+    built["graph_kept"] = False
+
+
+def _record_cpu_quality(graph: ExportedGraph, plan: BuildPlan, out: Path, text: str | Path, progress: Progress) -> None:
+    from edgekit.engines.gpu_graph import GraphRecipe, score_on_cpu
+
+    report = score_on_cpu(graph, out, GraphRecipe.from_dict(plan.graph), text, progress)
+    data = json.loads((out / SIDECAR).read_text())
+    data["build"]["quality"] = report
+    (out / SIDECAR).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _record_quality(graph: ExportedGraph, out: Path, text: str | Path, progress: Progress) -> None:
@@ -135,8 +209,14 @@ def _edit_graph(model: Path, untie: bool) -> dict[str, Any]:
     return done
 
 
-def _write_sidecar(graph: ExportedGraph, plan: BuildPlan, built: dict[str, Any], out: Path) -> None:
+def _write_sidecar(graph: ExportedGraph, plan: BuildPlan, built: dict[str, Any], out: Path,
+                   contract: ExportedGraph | None = None) -> None:
+    """``export`` is the contract of the graph the runtime runs: the export's, or the GPU graph's
+    (its I/O dtypes, ops and opsets) when one was made."""
     export_data = json.loads((graph.path / SIDECAR).read_text())
+    if contract is not None and contract is not graph:
+        fields = contract.to_dict()
+        export_data.update({k: fields[k] for k in ("dtype", "inputs", "outputs", "ops", "custom_ops", "opset")})
     plan_data = plan.to_dict()
     plan_data["requirements"].update(built.pop("requirements", {}))  # what the runtime pinned when it built
     data = {

@@ -17,11 +17,14 @@ from edgekit.profiles import Profile, ShapeRange
 from edgekit.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, METHOD_CHOICES, QUANT_CHOICES, QuantSettings
 from edgekit.types import ExportedGraph
 
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "fp8", "int8")
-BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
-# Quantized weight bytes per fp32 byte: int8 plus a scale per row; int4 in blocks of 32 with an
-# fp32 scale and a 4-bit zero point each (5.125 bits), a little over for tensors left in fp32.
-QUANT_SHARE = {"none": 1.0, "int8": 0.27, "int4": 0.18}
+PRECISION_CHOICES = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 1}
+HALF = ("fp16", "bf16")
+QUANTIZED = ("int4", "int8", "fp8")  # GPU precisions that quantize weights (fp8: activations too)
+GPU_METHODS = ("rtn", "awq")
+GPU_BLOCK_SIZE = 128  # TensorRT's INT4 weight-only default (ModelOpt's too)
+# Which precision a refusal for memory suggests first: the most accurate one that fits.
+FIT_ORDER = ("fp16", "bf16", "fp8", "int8", "int4")
 # Share of the profile's memory a build may plan to use: the OS, the runtime's own buffers
 # and activations need the rest (Jetson shares its memory with the CPU).
 MEMORY_SHARE = {"cpu": 0.8, "gpu": 0.9, "jetson": 0.75}
@@ -57,6 +60,9 @@ class BuildPlan:
     # The batch / prompt / context ranges built for: the profile's, capped at the model's positions.
     shapes: dict[str, list[int]] | None = None
     notes: list[str] = field(default_factory=list)  # what the plan changed or assumed, for people to read
+    # GPU builds: how the runtime's graph is made from the export (engines.gpu_graph.GraphRecipe);
+    # None: the export's graph as it is.
+    graph: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,15 +78,17 @@ def make_plan(graph: ExportedGraph, profile: Profile, runtime: str | None = None
     profile, notes = fit_positions(graph, profile)
     backend = resolve_runtime(profile, runtime)
     runtime = backend.names[0]
-    quantize = _quantization(graph, profile, backend, precision, quant or QuantOptions())
+    asked = quant or QuantOptions()
+    quantize = _quantization(graph, profile, backend, precision, asked)
     precision = _precision(profile, precision)
-    _check_precision_fits_graph(graph, precision)
+    recipe = gpu_recipe(graph, profile, precision, asked, backend) if profile.is_gpu else _cpu_precision(precision)
     for problem in backend.check(graph, profile, precision):
         raise BuildRefused(problem.message, problem.hint)
     if strip_weights and not backend.strips_weights:
         raise BuildRefused(f"--strip-weights applies to plans that refit at load, not {runtime}",
                            "use --runtime tensorrt, or drop --strip-weights")
-    memory = memory_estimate(graph, profile, precision, quantize.quantization, backend.kv_copies)
+    memory = memory_estimate(graph, profile, precision, quantize.quantization, backend.kv_copies,
+                             recipe=recipe, quant=_quant_layout(quantize))
     settings = {"onnxruntime": None, "tensorrt": None,
                 **backend.plan(graph, profile, precision, {"strip_weights": strip_weights})}
     return BuildPlan(
@@ -93,6 +101,7 @@ def make_plan(graph: ExportedGraph, profile: Profile, runtime: str | None = None
         quant_lm_head=quantize.lm_head if quantize.quantization != "none" else None, calibration=quantize.calibration,
         quant_embeddings=quantize.embeddings if quantize.quantization == "int4" else None,
         shapes={k: [v.min, v.opt, v.max] for k, v in profile.shapes.items()}, notes=notes,
+        graph=recipe.to_dict() if recipe else None,
     )
 
 
@@ -117,12 +126,14 @@ def fit_positions(graph: ExportedGraph, profile: Profile) -> tuple[Profile, list
 class QuantOptions:
     """What the user asked for (``None`` = the profile's default)."""
 
-    quantization: str | None = None  # none | int8 | int4
-    method: str | None = None  # rtn | gptq
+    quantization: str | None = None  # none | int8 | int4 (ONNX Runtime CPU; GPU profiles: --precision)
+    method: str | None = None  # rtn | gptq (CPU); rtn | awq (GPU int4 / int8)
     block_size: int | None = None
-    lm_head: bool = True
+    lm_head: bool | None = None  # None: quantized, except fp8 (its LM head stays fp16)
     calibration: str | None = None
-    embeddings: bool = True  # int4: the embedding table too; most of a 0.6B model's bytes are its vocabulary
+    # int4: the embedding table too; most of a 0.6B model's bytes are its vocabulary.
+    # None: yes on CPU profiles, no on GPU ones (TensorRT gathers from a half-precision table).
+    embeddings: bool | None = None
 
 
 def _quantization(graph: ExportedGraph, profile: Profile, runtime: Any, precision: str | None,
@@ -144,30 +155,33 @@ def _quantization(graph: ExportedGraph, profile: Profile, runtime: Any, precisio
     if quant == "none":
         return QuantSettings("none")
     if quant not in runtime.weight_quantization:
-        raise BuildRefused(f"--quant {quant} is built for ONNX Runtime's CPU EP only so far, not {runtime.names[0]}",
-                           "use a CPU profile (--runtime ort), or --quant none")
+        raise BuildRefused(f"--quant {quant} is ONNX Runtime's CPU EP quantization (MatMulNBits), not {runtime.names[0]}'s; "
+                           f"GPU builds take their quantization from --precision",
+                           f"use --precision {quant} ({quant} weight-only DequantizeLinear, fp16 activations), "
+                           "or a CPU profile for --quant")
     if quant not in profile.hardware["precisions"]:
         raise BuildRefused(f"{quant} is not among {profile.name}'s precisions", f"use one of: {', '.join(profile.hardware['precisions'])}")
     if graph.dtype != "fp32":
         raise BuildRefused(f"--quant {quant} quantizes an fp32 export; {graph.path} is {graph.dtype}",
                            "re-export with --dtype fp32")
     method = asked.method or "rtn"
+    lm_head = asked.lm_head is not False
     if method not in METHOD_CHOICES:
-        raise ConfigError(f"--quant-method {method!r} is not one of {', '.join(METHOD_CHOICES)}",
-                          f"use one of: {', '.join(METHOD_CHOICES)}")
+        raise ConfigError(f"--quant-method {method!r} is not one of {', '.join(METHOD_CHOICES)} on CPU profiles",
+                          f"use one of: {', '.join(METHOD_CHOICES)} (awq is for GPU --precision int4 / int8)")
     if quant == "int8":
-        return QuantSettings("int8", lm_head=asked.lm_head)
+        return QuantSettings("int8", lm_head=lm_head)
     if method == "gptq" and asked.calibration is None:
         raise BuildRefused("--quant-method gptq needs calibration text", "pass --calibration TEXTFILE, or --quant-method rtn")
-    if method == "gptq" and not asked.lm_head:  # ORT's GPTQ path ignores nodes_to_exclude
+    if method == "gptq" and not lm_head:  # ORT's GPTQ path ignores nodes_to_exclude
         raise BuildRefused("--no-quant-lm-head is not supported with --quant-method gptq", "use --quant-method rtn")
     block = asked.block_size or profile.defaults.get("quant_block_size", DEFAULT_BLOCK_SIZE)
     if block < 16 or block & (block - 1):
         raise ConfigError(f"--block-size {block} must be a power of two >= 16", "e.g. --block-size 32 (or 128: smaller files)")
     return QuantSettings("int4", method=method, block_size=block,
                          accuracy_level=profile.defaults.get("quant_accuracy_level", DEFAULT_ACCURACY_LEVEL),
-                         lm_head=asked.lm_head, calibration=str(asked.calibration) if asked.calibration else None,
-                         embeddings=asked.embeddings)
+                         lm_head=lm_head, calibration=str(asked.calibration) if asked.calibration else None,
+                         embeddings=asked.embeddings is not False)
 
 
 def resolve_runtime(profile: Profile, name: str | None) -> Any:
@@ -194,49 +208,158 @@ def _precision(profile: Profile, precision: str | None) -> str:
     supported = profile.hardware["precisions"]
     if precision not in supported:
         where = f"compute capability {profile.hardware['compute_capability']}" if profile.is_gpu else "this CPU class"
-        why = " (FP8 needs compute capability 8.9+)" if precision == "fp8" else ""
+        why = "FP8 needs compute capability 8.9+" if precision == "fp8" else "not in its [hardware].precisions"
         raise BuildRefused(
-            f"precision {precision} is not supported by {profile.name} ({where}){why}",
+            f"precision {precision} is not supported by {profile.name} ({where}; {why})",
             f"use one of: {', '.join(p for p in supported if p in PRECISION_CHOICES)}",
         )
     return precision
 
 
-def _check_precision_fits_graph(graph: ExportedGraph, precision: str) -> None:
-    if precision in ("fp8", "int8") and "QuantizeLinear" not in graph.ops:
+def _cpu_precision(precision: str) -> None:
+    """CPU profiles compute in fp32 (or the export's dtype); their quantization is --quant (no GPU graph: None)."""
+    if precision in QUANTIZED:
         raise BuildRefused(
-            f"precision {precision} needs a graph with Q/DQ nodes; {graph.path} has none",
-            "use --precision fp16 (or bf16); quantized builds come from quantization",
-        )
+            f"--precision {precision} makes a GPU graph (Q/DQ for TensorRT / ONNX Runtime CUDA); "
+            "CPU builds quantize with ONNX Runtime's CPU quantizers",
+            "on CPU profiles use --quant int4 or --quant int8 (MatMulNBits / dynamic int8)" if precision != "fp8"
+            else "on CPU profiles use --quant int4 or --quant int8; fp8 needs an sm_89 GPU profile")
+
+
+def gpu_recipe(graph: ExportedGraph, profile: Profile, precision: str, asked: QuantOptions,
+               runtime: Any = None) -> Any:
+    """How the GPU graph for ``precision`` is made (``gpu_graph.GraphRecipe``), or None for the
+    export's graph as it is (``precision`` is its dtype). Refuses what cannot be made.
+
+    int8 takes the runtime's form (``runtime.int8_form``): weight-only DequantizeLinear where the
+    runtime fuses it (ONNX Runtime CUDA: MatMulNBits), SmoothQuant W8A8 Q/DQ where INT8 means
+    weights and activations (TensorRT, whose weight-only quantization is INT4 only).
+    """
+    from edgekit.engines.gpu_graph import GraphRecipe
+
+    if graph.quantization:
+        raise BuildRefused(f"{graph.path} was quantized at export (MatMulNBits, ONNX Runtime CPU); GPU builds "
+                           "make their graph from a plain export", "re-export without --quant (and with --dtype fp32)")
+    if precision == graph.dtype:
+        return None
+    if graph.dtype != "fp32":
+        raise BuildRefused(f"--precision {precision} is made from an fp32 export; {graph.path} is {graph.dtype}",
+                           f"re-export with --dtype fp32, or build --precision {graph.dtype}")
+    if precision in HALF:
+        return GraphRecipe(precision, precision)
+    if precision == "fp8":
+        if asked.method not in (None, "rtn"):
+            raise ConfigError(f"--quant-method {asked.method} does not apply to fp8 (scales are calibrated maxima)",
+                              "drop --quant-method for --precision fp8")
+        calibration = _calibration(asked, "--precision fp8 needs calibration text for its activation scales")
+        return GraphRecipe("fp8", "fp16", "fp8", lm_head=bool(asked.lm_head), calibration=calibration)
+    if precision == "int8" and getattr(runtime, "int8_form", "weight_only") == "w8a8":
+        return _w8a8_recipe(asked)
+    method = asked.method or "rtn"
+    if method not in GPU_METHODS:
+        raise ConfigError(f"--quant-method {method!r} is not one of {', '.join(GPU_METHODS)} for GPU --precision {precision}",
+                          f"use one of: {', '.join(GPU_METHODS)} (gptq is the ONNX Runtime CPU path's)")
+    calibration = _calibration(asked, "--quant-method awq needs calibration text") if method == "awq" else None
+    block = asked.block_size or profile.defaults.get("quant_block_size", GPU_BLOCK_SIZE)
+    if block < 16 or block & (block - 1):
+        raise ConfigError(f"--block-size {block} must be a power of two >= 16", "e.g. --block-size 128 (TensorRT's default)")
+    return GraphRecipe(precision, "fp16", precision, method=method, block_size=block,
+                       lm_head=asked.lm_head is not False, embeddings=bool(asked.embeddings), calibration=calibration)
+
+
+def _w8a8_recipe(asked: QuantOptions) -> Any:
+    """INT8 weights (per output channel) and activations (per tensor), SmoothQuant-balanced."""
+    from edgekit.engines.gpu_graph import GraphRecipe
+
+    if asked.method not in (None, "smoothquant"):
+        raise ConfigError(f"--quant-method {asked.method} does not apply to TensorRT int8 (SmoothQuant W8A8 Q/DQ)",
+                          "drop --quant-method, or use --runtime ort-cuda for int8 weight-only")
+    calibration = _calibration(asked, "TensorRT int8 (W8A8) needs calibration text for its activation scales")
+    return GraphRecipe("int8", "fp16", "int8", method="smoothquant", lm_head=bool(asked.lm_head), calibration=calibration)
+
+
+def _calibration(asked: QuantOptions, why: str) -> str:
+    if asked.calibration is None:
+        raise BuildRefused(why, "pass --calibration TEXTFILE (text like the model's use, e.g. held-out source code)")
+    return str(asked.calibration)
+
+
+def _quant_layout(quantize: QuantSettings) -> dict[str, Any] | None:
+    """The ORT CPU quantizers' layout, for sizing: bits, block, and what they leave in fp32."""
+    if quantize.quantization == "none":
+        return None
+    return {"bits": 4 if quantize.quantization == "int4" else 8, "block_size": quantize.block_size or 32,
+            "lm_head": bool(quantize.lm_head), "embeddings": bool(quantize.embeddings)}
 
 
 def memory_estimate(graph: ExportedGraph, profile: Profile, precision: str, quantization: str = "none",
-                    kv_copies: int = 1) -> dict[str, Any]:
+                    kv_copies: int = 1, recipe: Any = None, quant: dict[str, Any] | None = None,
+                    refuse: bool = True) -> dict[str, Any]:
     """Weights + KV cache at the profile's max context and batch, against its memory; refuses over budget.
 
-    ``kv_copies``: cache buffers per tensor (2 where the runtime ping-pongs past and present).
+    Weights are the bytes the runtime holds, from the graph's initializer shapes: ``recipe`` (a GPU
+    graph: half precision, quantized weights with their scales) or ``quant`` (ORT CPU quantizers),
+    else the export as stored. ``kv_copies``: cache buffers per tensor (2 where the runtime
+    ping-pongs past and present). The refusal names a precision of the profile that would fit.
     """
-    stored = model_bytes(graph.model_path)
-    weights = int(stored * BYTES[precision] / BYTES[graph.dtype]) if precision in ("fp16", "bf16") else stored
-    weights = int(weights * QUANT_SHARE[quantization])
-    kv_dtype = "fp32" if precision == "fp32" else "fp16"
+    from edgekit.engines.gpu_graph import planned_weight_bytes
+
+    if recipe is not None or quant is not None:
+        weights = planned_weight_bytes(graph.model_path, recipe, quant)
+    else:
+        stored = model_bytes(graph.model_path)
+        weights = int(stored * BYTES[precision] / BYTES[graph.dtype]) if precision in HALF else stored
+    kv = _kv_bytes(graph, profile, "fp32" if precision == "fp32" else "fp16", kv_copies)
+    context, batch = profile.shapes["context"].max, profile.shapes["batch"].max
+    budget = int(profile.hardware["memory_gb"] * 1e9 * MEMORY_SHARE[profile.device])
+    estimate = {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv,
+                "budget_bytes": budget, "context": context, "batch": batch}
+    if weights + kv > budget and refuse:
+        fits = _fitting_precision(graph, profile, precision, kv_copies, budget)
+        raise BuildRefused(
+            f"{precision} weights {weights / 1e9:.2f} GB + KV cache at {context} tokens x batch {batch} {kv / 1e9:.2f} GB "
+            f"exceed {MEMORY_SHARE[profile.device]:.0%} of {profile.name}'s {profile.hardware['memory_gb']:g} GB "
+            f"({budget / 1e9:.2f} GB)" + (f"; {fits[0]} would fit ({fits[1] / 1e9:.2f} GB)" if fits else ""),
+            (f"build {fits[2]}, or " if fits else "")
+            + "lower [shapes].context in a profile of your own (--profile board.toml), or pick a bigger profile",
+        )
+    return estimate
+
+
+def _kv_bytes(graph: ExportedGraph, profile: Profile, kv_dtype: str, kv_copies: int) -> int:
     context, batch = profile.shapes["context"].max, profile.shapes["batch"].max
     per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in graph.layers if layer.has_kv) * BYTES[kv_dtype]
     # Linear-attention layers hold fixed-size states (the recurrent one in fp32) whatever the context.
     fixed = sum(math.prod(shape) * (4 if part == "recurrent" else BYTES[kv_dtype])
                 for layer in graph.layers if not layer.has_kv for part, shape in layer.states.items())
-    kv = (per_token * context + fixed) * batch * kv_copies
-    budget = int(profile.hardware["memory_gb"] * 1e9 * MEMORY_SHARE[profile.device])
-    estimate = {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv,
-                "budget_bytes": budget, "context": context, "batch": batch}
-    if weights + kv > budget:
-        raise BuildRefused(
-            f"weights {weights / 1e9:.2f} GB + KV cache at {context} tokens x batch {batch} {kv / 1e9:.2f} GB "
-            f"exceed {MEMORY_SHARE[profile.device]:.0%} of {profile.name}'s {profile.hardware['memory_gb']:g} GB "
-            f"({budget / 1e9:.2f} GB)",
-            "lower [shapes].context in a profile of your own (--profile board.toml), quantize, or pick a bigger profile",
-        )
-    return estimate
+    return (per_token * context + fixed) * batch * kv_copies
+
+
+def _fitting_precision(graph: ExportedGraph, profile: Profile, precision: str, kv_copies: int,
+                       budget: int) -> tuple[str, int, str] | None:
+    """(precision, total bytes, the option to pass) of the most accurate alternative that fits."""
+    if graph.dtype != "fp32" or graph.quantization:
+        return None
+    for other in FIT_ORDER:
+        if other == precision or other not in profile.hardware["precisions"]:
+            continue
+        if profile.is_gpu:
+            from edgekit.engines.gpu_graph import GraphRecipe
+
+            recipe = GraphRecipe(other, "fp16" if other not in HALF else other, other if other in QUANTIZED else None,
+                                 method="rtn" if other in ("int4", "int8") else None,
+                                 block_size=profile.defaults.get("quant_block_size", GPU_BLOCK_SIZE), lm_head=other != "fp8")
+            option, quant = f"--precision {other}", None
+        elif other in ("int4", "int8"):
+            recipe, option = None, f"--quant {other}"
+            quant = {"bits": 4 if other == "int4" else 8, "block_size": profile.defaults.get("quant_block_size", 32),
+                     "lm_head": True, "embeddings": other == "int4"}
+        else:
+            continue
+        estimate = memory_estimate(graph, profile, other, kv_copies=kv_copies, recipe=recipe, quant=quant, refuse=False)
+        if estimate["total_bytes"] <= budget:
+            return other, estimate["total_bytes"], option
+    return None
 
 
 def _requirements(profile: Profile, runtime: Any) -> dict[str, Any]:

@@ -3,9 +3,12 @@ the profile, and the build.
 
     ort-cpu       the graph optimized once (ORT_ENABLE_EXTENDED, portable across CPUs of the
                   profile) and saved, so the device loads without re-optimizing
-    ort-cuda      the graph as exported (GroupQueryAttention), provider options from the profile
-    ort-tensorrt  an EP-context model: TensorRT's engine embedded in model_ctx.onnx, so the
-                  device never recompiles at start (built on the target GPU)
+    ort-cuda      the GPU graph (edgekit.engines.gpu_graph: fp16 / int4 / int8 in the graph, from the
+                  ``ort`` export with GroupQueryAttention; int4 as DequantizeLinear(block) → MatMul,
+                  which ONNX Runtime fuses into MatMulNBits with fp16 scales), provider options
+                  from the profile
+    ort-tensorrt  an EP-context model of the same GPU graph: TensorRT's engine embedded in
+                  model_ctx.onnx, so the device never recompiles at start (built on the target GPU)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from edgekit.types import ExportedGraph
 
 CPU = "CPUExecutionProvider"
 CONTEXT_MODEL = "model_ctx.onnx"
+BF16_CACHES = "edgekit's ONNX Runtime sessions bind fp32 / fp16 caches only (NumPy has no bfloat16)"
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,15 @@ class OrtRuntime:
     optimize: bool = False  # save the graph optimized once, so the device loads it as it is
     context_model: bool = False  # compile an EP-context model (the TensorRT EP's engine embedded)
     target: str | None = None  # the export target it needs, when only one works
-    any_precision: bool = False  # builds its own precision (the TensorRT EP), else runs the export's dtype
+    # (precision, why, what to use instead) it cannot build; GPU providers run the GPU graph edgekit makes.
+    refuses: tuple[tuple[str, str, str], ...] = ()
     weight_quantization: tuple[str, ...] = ()  # --quant values it builds (MatMulNBits / dynamic int8)
     edits_graph: bool = False  # last-position logits and one tied LM head (edgekit.engines.graph_edits)
     kv_copies: int = 1  # the KV cache is one buffer, written in place or grown
     strips_weights: bool = False
+    # GPU --precision int8: "weight_only" (DequantizeLinear → MatMul, fused to MatMulNBits) or
+    # "w8a8" (SmoothQuant Q/DQ on weights and activations, as TensorRT takes INT8).
+    int8_form: str = "weight_only"
 
     def is_available(self) -> str | None:
         try:
@@ -70,10 +78,13 @@ class OrtRuntime:
                 f"{graph.path} was exported for --target {graph.target}; ONNX Runtime's {self.provider} "
                 "has been seen running opset-23 Attention on the CPU",
                 f"re-export with --target {self.target} (GroupQueryAttention) for {self.names[0]}"))
-        if not self.any_precision and precision != graph.dtype and precision not in ("fp8", "int8"):
+        if self.device == "cpu" and precision != graph.dtype:  # GPU providers get a GPU graph of ``precision``
             problems.append(EdgekitError(
-                f"ONNX Runtime runs the graph in the dtype it was exported in ({graph.dtype}), not {precision}",
+                f"ONNX Runtime's CPU build runs the graph in the dtype it was exported in ({graph.dtype}), not {precision}",
                 f"re-export with --dtype {precision}, or pass --precision {graph.dtype}"))
+        for refused, why, instead in self.refuses:
+            if precision == refused:
+                problems.append(EdgekitError(f"{self.names[0]} cannot build --precision {precision}: {why}", instead))
         return problems
 
     def plan(self, graph: ExportedGraph, profile: Profile, precision: str,
@@ -119,8 +130,21 @@ class OrtRuntime:
     def open(self, engine: Any, threads: int | None = None, memory_map: bool | None = None):
         from edgekit.runtimes.onnxruntime import OrtSession
 
+        if engine.details.get("graph_only"):
+            raise graph_only_error(engine)
         return OrtSession(engine.graph, threads=threads, memory_map=memory_map,
                           settings=engine.details.get("onnxruntime"))
+
+
+def graph_only_error(engine: Any) -> EdgekitError:
+    """Opening a --graph-only build: it holds the graph, not the engine."""
+    from edgekit.errors import ArtifactError
+
+    source = (engine.source_export or {}).get("path", "EXPORT_DIR")
+    return ArtifactError(f"{engine.path} holds the {engine.precision} graph only (built with --graph-only), "
+                         f"no {engine.runtime} engine",
+                         f"build the engine on the target: edgekit build {source} --profile {engine.profile} "
+                         f"--runtime {engine.runtime} --precision {engine.precision} -o DIR")
 
 
 def _tensorrt_ep_options(graph: ExportedGraph, profile: Profile, precision: str) -> dict[str, Any]:
@@ -129,9 +153,11 @@ def _tensorrt_ep_options(graph: ExportedGraph, profile: Profile, precision: str)
     shapes = shape_profile(graph, profile)
     def spec(which: str) -> str:
         return ",".join(f"{name}:{'x'.join(map(str, dims[which]))}" for name, dims in shapes.items())
+    # Precision is in the graph (strongly typed): with the fp16 / int8 switches off the EP creates
+    # a strongly typed network (onnxruntime's TensorRT EP, 1.22+), as TensorRT 11 requires.
     return {
-        "trt_fp16_enable": precision == "fp16",
-        "trt_bf16_enable": precision == "bf16",
+        "trt_fp16_enable": False,
+        "trt_bf16_enable": False,
         "trt_max_workspace_size": profile.tensorrt["workspace_mb"] << 20,
         "trt_builder_optimization_level": profile.tensorrt["builder_optimization_level"],
         "trt_engine_cache_enable": True,
@@ -170,8 +196,10 @@ def _optimize(ort, graph: ExportedGraph, out: Path) -> None:
 
 
 def _copy_model(graph: ExportedGraph, out: Path) -> None:
+    """The export's files into ``out``; a GPU graph already made there stays as it is."""
     for source in model_files(graph.model_path):
-        shutil.copy(source, out / source.name)
+        if source.resolve() != (out / source.name).resolve():
+            shutil.copy(source, out / source.name)
 
 
 def check_provider(ort, model: Path, settings: dict[str, Any], options=None):

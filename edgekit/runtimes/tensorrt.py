@@ -14,7 +14,10 @@ from edgekit.errors import EdgekitError, RuntimeUnavailableError
 from edgekit.profiles import Profile
 from edgekit.types import ExportedGraph, state_io
 
-FLAGS = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "fp8": ["FP8"], "int8": ["INT8"]}
+# No precision builder flags: TensorRT 11 removed FP16 / BF16 / INT8 / FP8 (weak typing was
+# deprecated in 10.12). The network is strongly typed and its precision is the graph's
+# (edgekit.engines.gpu_graph), so one ONNX file builds alike on 10.3 (JetPack 6) and 11.x.
+FLAGS: list[str] = []
 HW_COMPAT = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 
 
@@ -53,11 +56,13 @@ def plan_settings(graph: ExportedGraph, profile: Profile, precision: str, strip_
     """Builder settings for ``precision`` on ``profile``, as data.
 
     ``strip_weights``: a weight-stripped plan (TensorRT >= 10.0) that the session refits at load
-    from the export's ONNX file, ``refit_from``; one copy of the weights then serves every plan.
+    from the ONNX file it was parsed from, ``refit_from``: the export's, or the GPU graph the build
+    folder keeps for a GPU precision; one copy of the weights then serves every plan.
     """
     trt = profile.tensorrt
     return {
-        "flags": FLAGS[precision],
+        "flags": list(FLAGS),
+        "strongly_typed": True,  # precision comes from the graph
         "workspace_bytes": trt["workspace_mb"] << 20,
         "builder_optimization_level": trt["builder_optimization_level"],
         "hardware_compatibility": trt["hardware_compatibility"],
@@ -73,7 +78,8 @@ def plan_settings(graph: ExportedGraph, profile: Profile, precision: str, strip_
 
 
 def build(graph: ExportedGraph, settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Parse the ONNX graph, build and serialize the plan into ``out``; returns what the sidecar records."""
+    """Parse ``graph``'s ONNX file (the build folder's GPU graph for a GPU precision, else the
+    export's), build and serialize the plan into ``out``; returns what the sidecar records."""
     reason = is_available()
     if reason:
         raise RuntimeUnavailableError(f"cannot build a TensorRT plan here: {reason}",
@@ -82,7 +88,7 @@ def build(graph: ExportedGraph, settings: dict[str, Any], out: Path) -> dict[str
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(graph.model_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -97,6 +103,13 @@ def build(graph: ExportedGraph, settings: dict[str, Any], out: Path) -> dict[str
     _save_timing_cache(config, out / settings["timing_cache"])
     return {"tensorrt_version": trt.__version__, "flags": settings["flags"],
             "strip_weights": bool(settings.get("strip_weights"))}
+
+
+def network_flags(trt) -> int:
+    """STRONGLY_TYPED where the bindings have it (TensorRT >= 9; accepted and ignored by 11.x,
+    where every network is strongly typed): tensor types follow the graph, never the builder."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
 def _config(trt, builder, settings: dict[str, Any], out: Path):
@@ -172,6 +185,9 @@ class TensorrtRuntime:
     weight_quantization: tuple[str, ...] = ()
     kv_copies = 2  # present = concat(past, new) into the other buffer of a ping-pong pair
     strips_weights = True
+    # TensorRT quantizes INT8 as weights and activations (its weight-only quantization is INT4):
+    # --precision int8 is SmoothQuant W8A8 Q/DQ (engines.plan.gpu_recipe).
+    int8_form = "w8a8"
 
     def is_available(self) -> str | None:
         reason = is_available()
@@ -217,8 +233,11 @@ class TensorrtRuntime:
     def open(self, engine: Any, threads: int | None = None, memory_map: bool | None = None):
         """A session on the plan; a weight-stripped plan refits from the source export it was built
         from, or from the export a bundle unpacked beside it."""
+        from edgekit.runtimes.onnxruntime_build import graph_only_error
         from edgekit.runtimes.tensorrt_session import TensorrtSession
 
+        if engine.details.get("graph_only"):
+            raise graph_only_error(engine)
         settings = engine.details["tensorrt"]
         # Where the weights may be: the source export, and the engines unpacked beside this one
         # (a bundle unpacks the export a stripped plan needs next to it).

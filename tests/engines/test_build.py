@@ -34,7 +34,7 @@ def test_tensorrt_plan_for_every_gpu_profile(exported, name):
     plan = plan_build(path, name, runtime="tensorrt", precision="fp16")
     trt = plan.tensorrt
     assert plan.runtime == "tensorrt" and plan.precision == "fp16" and plan.quantization == "none"
-    assert trt["flags"] == ["FP16"]
+    assert trt["flags"] == [] and trt["strongly_typed"] is True  # fp16 is in the graph (plan.graph), not a flag
     assert trt["workspace_bytes"] == profile.tensorrt["workspace_mb"] * 2**20
     assert trt["builder_optimization_level"] == profile.tensorrt["builder_optimization_level"]
     assert trt["hardware_compatibility"] == profile.tensorrt["hardware_compatibility"]
@@ -82,7 +82,7 @@ def test_ort_gpu_plans(exported, name):
     if "ort-tensorrt" in profile.defaults["runtimes"]:
         ep = plan_build(exported("Qwen3ForCausalLM", "decomposed"), name, runtime="ort-tensorrt", precision="fp16")
         options = ep.onnxruntime["provider_options"][0]
-        assert options["trt_fp16_enable"] is True and options["trt_dump_ep_context_model"] is True
+        assert options["trt_fp16_enable"] is False and options["trt_dump_ep_context_model"] is True  # strongly typed
         assert options["trt_ep_context_embed_mode"] == 1 and ep.onnxruntime["model_file"] == "model_ctx.onnx"
         assert options["trt_profile_min_shapes"].startswith("input_ids:1x1,attention_mask:1x1,past_key_values.0.key:1x2x0x32")
 
