@@ -13,5 +13,5 @@ VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q "${EDGEKIT_TORCH:-torch==2.13.0}"
 fi
-"$VPY" -m pip install -q -e '.[cpu,export,dev]'
+"$VPY" -m pip install -q -e '.[cpu,export,dev,ray]'  # ray: the serve --replicas and sweep tests
 export PATH="$PWD/.venv/bin:$PATH"

@@ -20,6 +20,7 @@ from edgekit.cli import package as package_cmd
 from edgekit.cli import profiles as profiles_cmd
 from edgekit.cli import run as run_cmd
 from edgekit.cli import serve as serve_cmd
+from edgekit.cli import sweep as sweep_cmd
 from edgekit.cli import validate as validate_cmd
 from edgekit.cli._help import plain_types
 from edgekit.cli._output import print_error
@@ -60,6 +61,7 @@ app.command("inspect")(package_cmd.inspect)
 app.command("verify")(package_cmd.verify)
 app.command("keygen")(package_cmd.keygen)
 app.command("serve")(serve_cmd.serve)
+app.command("sweep")(sweep_cmd.sweep)
 app.add_typer(profiles_cmd.app, name="profiles")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -30,14 +31,30 @@ def serve(
     profile: str = typer.Option(None, "--profile", help="With a bundle: this profile's engine, not the best fit."),
     model_id: str = typer.Option(None, "--model-id",
                                  help="The model name clients see (default: the folder's name; a bundle's model)."),
+    prefix_cache_mb: int = typer.Option(512, "--prefix-cache-mb", help=(
+        "Memory for computed prompt prefixes reused by later prompts (shared system prompt, growing chat); 0: off.")),
+    prefill_batch: int = typer.Option(None, "--prefill-batch", help=(
+        "Prompts prefilled in one forward when they join together (default: --max-batch; 1: one at a time).")),
+    replicas: int = typer.Option(None, "--replicas", help=(
+        "Serve N replicas on Ray Serve, each with its own engine (needs the ray extra).")),
+    ray_address: str = typer.Option(None, "--ray-address", help=(
+        "Deploy the replicas on this Ray cluster (e.g. ray://head:10001 or auto; default: a local instance).")),
+    autoscale: str = typer.Option(None, "--autoscale", metavar="MIN:MAX", help=(
+        "Let Ray Serve scale between MIN and MAX replicas on ongoing requests (--max-batch per replica).")),
+    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", help=(
+        "GPUs Ray reserves for each replica (e.g. 1 for a CUDA or TensorRT engine).")),
 ) -> None:
     """Serve PATH over HTTP with OpenAI-compatible /v1/completions and /v1/chat/completions."""
     require("fastapi", "serve")
     uvicorn = require("uvicorn", "serve")
-    from edgekit.serve.app import ServeConfig, create_app
+    from edgekit.serve.app import ServeConfig, create_app, uvicorn_options
 
     if not 0 < port < 65536:
         raise EdgekitError(f"--port {port} is not a TCP port", "use e.g. --port 8000")
+    if replicas is not None or ray_address is not None or autoscale is not None:
+        config = ServeConfig(max_batch, max_context, api_key or None, threads, model_id,
+                             prefix_cache_mb=prefix_cache_mb, prefill_batch=prefill_batch)
+        return _serve_on_ray(path, config, host, port, profile, replicas, ray_address, autoscale, gpus_per_replica)
     sockets = _bind(host, port)  # before the model loads: a port in use fails now, not after "serving"
     try:
         from edgekit.cli._progress import progress_bar
@@ -46,13 +63,16 @@ def serve(
             progress(f"opening {path.name}", 0, 2)
             folder, model_id = _model_folder(path, profile, model_id)
             progress(f"loading {Path(folder).name} and allocating its cache", 1, 2)
-            app = create_app(folder, ServeConfig(max_batch, max_context, api_key or None, threads, model_id))
+            app = create_app(folder, ServeConfig(max_batch, max_context, api_key or None, threads, model_id,
+                                                 prefix_cache_mb=prefix_cache_mb, prefill_batch=prefill_batch))
         _announce(app.state.server, host, port, api_key)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
-                                               log_level=os.environ.get("EDGEKIT_LOG_LEVEL", "warning")))
+        options = uvicorn_options(os.environ.get("EDGEKIT_LOG_LEVEL", "warning"))  # + a bounded graceful shutdown
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
+        # uvicorn shuts down gracefully on SIGTERM too, then re-raises the signal: make that a clean exit as Ctrl-C
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             server.run(sockets=sockets)
-        except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: uvicorn has shut down cleanly
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM is how a server is stopped: uvicorn has shut down cleanly
             return
         if not server.started:
             raise EdgekitError(f"the server on {host}:{port} did not start (see the log above)",
@@ -60,6 +80,66 @@ def serve(
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _serve_on_ray(path: Path, config, host: str, port: int, profile: str | None, replicas: int | None,
+                  address: str | None, autoscale: str | None, gpus: float) -> None:
+    """``--replicas`` / ``--autoscale`` / ``--ray-address``: the same app as Ray Serve replicas, until Ctrl-C."""
+    if replicas is not None and replicas < 1:
+        raise EdgekitError(f"--replicas {replicas} must be >= 1", "e.g. --replicas 2")
+    bounds = _autoscale(autoscale) if autoscale is not None else None
+    if profile is not None and path.suffix != ".edgepkg":
+        raise EdgekitError("--profile applies to bundles (FILE.edgepkg)", "pass a .edgepkg file, or drop --profile")
+    if not path.exists():
+        raise EdgekitError(f"{path} does not exist", "pass an export or build folder, or a bundle (FILE.edgepkg)")
+    require("ray", "ray")
+    from edgekit.serve.replicas import ReplicaOptions, start_replicas, stop_replicas
+
+    options = ReplicaOptions(replicas or (bounds[0] if bounds else 1), bounds, float(config.threads or 1), gpus)
+    if address is None:  # a local instance: its proxy binds here, so a port in use fails now
+        for sock in _bind(host, port):
+            sock.close()
+    console.print(f"starting {f'{bounds[0]}..{bounds[1]}' if bounds else options.replicas} replica(s) of "
+                  f"{escape(path.name)} on {escape(address or 'a local Ray instance')}")
+    try:
+        start_replicas(path, config, options, host, port, address, profile)
+        console.print(f"serving [bold]{escape(config.model_id or path.name)}[/] on http://{escape(host)}:{port}/v1 · "
+                      f"Ray Serve · {'autoscaled ' + autoscale if bounds else f'{options.replicas} replicas'} · "
+                      f"up to {config.max_batch} sequences each{' · API key required' if config.api_key else ''}",
+                      soft_wrap=True)
+        if host not in LOOPBACK and not config.api_key:
+            console.print("[yellow]warning:[/] listening beyond loopback without --api-key")
+        _wait_forever()
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped
+        pass
+    finally:
+        stop_replicas(local=address is None)
+
+
+def _autoscale(text: str) -> tuple[int, int]:
+    """``--autoscale MIN:MAX`` -> (MIN, MAX), with 0 <= MIN <= MAX and MAX >= 1."""
+    low, sep, high = text.partition(":")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        bounds = None
+    if not sep or bounds is None or not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+        raise EdgekitError(f"--autoscale {text} is not MIN:MAX", "e.g. --autoscale 1:4 (MIN <= MAX, MAX >= 1)")
+    return bounds
+
+
+def _wait_forever() -> None:
+    """Block until Ctrl-C, or SIGTERM (a service manager's stop), which is handled the same way:
+    the finally clause then stops the replicas instead of leaving a local Ray instance behind."""
+    import signal
+    import time
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    while True:
+        time.sleep(3600)
 
 
 def _model_folder(path: Path, profile: str | None, model_id: str | None) -> tuple[Path, str | None]:

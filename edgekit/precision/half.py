@@ -12,7 +12,7 @@ of quantized weights are half.
     (round to nearest even, clamped to the finite range) rather than cast at run time
 
 Islands (kept fp32; each decided per op with the error it saves, measured by
-``benchmarks/half_precision_islands.py`` on tiny-code's held-out text: docs/precisions.md ("fp16/bf16 islands")):
+``benchmarks/half_precision_islands.py`` on tiny-code's held-out text: docs/precisions.md ("fp16 / bf16 islands")):
 
     norm_statistics  decomposed RMSNorm: x*x, ReduceMean, +eps, Sqrt, Div (the torch kernel's fp32
                      statistics). Fused norms (RMSNormalization / SimplifiedLayerNormalization with
@@ -34,7 +34,7 @@ Islands (kept fp32; each decided per op with the error it saves, measured by
     control_flow     always: Loop / Scan / If run in fp32 with their bodies unconverted.
 
 Measured on tiny-code (whole held-out text, ORT CPU): fp16 top-1 0.999, bf16 0.991-0.994,
-perplexity within 0.1 % on every target; the per-island table is in docs/precisions.md ("fp16/bf16 islands").
+perplexity within 0.1 % on every target; the per-island table is in docs/precisions.md ("fp16 / bf16 islands").
 
 Graph I/O: input_ids / attention_mask unchanged; past_key_values.* / present.* and past_conv.* /
 present_conv.* half; past_recurrent.* / present_recurrent.* and logits fp32.

@@ -50,7 +50,7 @@ def test_weights_matmuls_and_io_are_half(tiny_code_export, target, dtype):
     _, proto, report = _converted(tiny_code_export(target), dtype)
     half, types = HALF[dtype], element_types(proto.graph)
     head = _lm_head(proto)
-    head_type = TensorProto.FLOAT16  # bf16 graphs run the LM head in fp16 (measured: docs/precisions.md ("fp16/bf16 islands"))
+    head_type = TensorProto.FLOAT16  # bf16 graphs run the LM head in fp16 (measured: docs/precisions.md ("fp16 / bf16 islands"))
     for node in proto.graph.node:
         if node.op_type == "MatMul":
             want = head_type if node is head else half
