@@ -44,6 +44,17 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def piece(self, token: int) -> str | None:
+        """The token's string in the vocabulary (byte-level BPE spells raw bytes as GPT-2's characters)."""
+        return self._tok.id_to_token(token)
+
+    @property
+    def byte_level(self) -> bool:
+        """Whether pieces are byte-level BPE (each character stands for one raw byte)."""
+        from tokenizers import decoders
+
+        return isinstance(self._tok.decoder, decoders.ByteLevel)
+
     def token_id(self, token: str) -> int | None:
         """The id of a (special) token, or None."""
         return self._tok.token_to_id(token)

@@ -2,7 +2,8 @@
 
 Both expose the same small contract over *rows* 0..n-1 (n active sequences, always a prefix):
 
-    prefill(row, ids) -> logits (vocab,)    the row's first forward; row == number active before it
+    prefill(row, ids, keep_all=False) -> logits (vocab,), or (S, vocab) for every prompt position
+    prefill_rows(first, prompts, keep_all) -> Prefilled   prompts joining together, into rows first..
     decode(tokens, lengths) -> (n, vocab)   one token per row; lengths[b] = tokens row b holds before it
     move(src, dst, length)                  copy a row's cache (compaction after a row leaves)
 
@@ -10,7 +11,8 @@ Batched cache (``ort`` target, every layer attention, CPU):
 
     kv[i]: (max_batch, KV, max_context, D) per key/value tensor, one row per active sequence
 
-    prefill  batch 1: past = present = kv[i][row:row+1]   (a contiguous view: GQA writes the row in place)
+    prefill  rows r..r+k: past = present = kv[i][r:r+k]   (a contiguous view: GQA writes the rows in place);
+             several rows only as a first prompt (no past: GQA's rule), a row with a cached prefix alone
     decode   batch n: past = present = kv[i][:n]          input_ids (n, 1), attention_mask (n, T) right-padded,
                                                           row b has lengths[b] + 1 ones, T = max of those
     leave    row r leaves: the last row's first `length` positions are copied into r, so rows stay a prefix
@@ -21,17 +23,22 @@ lengths decode together and never see each other's padding.
 Linear-attention layers (fixed-size conv and recurrent states) get two (max_batch, *state) buffers,
 ``past`` and ``spare``: a decode step reads past[:n] and writes spare[:n], then the two swap (rows
 beyond n hold nothing); a prefill zeroes past[row], writes spare[row] and copies it back. Decode
-feeds exactly one token per row, so no padding token ever enters a recurrent state.
+feeds exactly one token per row, so no padding token ever enters a recurrent state. Which prompts
+share a prefill forward, and the prefix cache, are in ``edgekit.serve.prefill``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgekit.runtimes.onnxruntime import OrtSession
+from edgekit.serve.prefix_cache import DEFAULT_BLOCK, Hit, PrefixCache
 from edgekit.types import ExportedGraph, state_io
+
+if TYPE_CHECKING:
+    from edgekit.serve.prefill import Prefilled
 
 
 def batching_unsupported(session: Any) -> str | None:
@@ -47,9 +54,14 @@ def batching_unsupported(session: Any) -> str | None:
 
 
 class BatchedEngine:
-    """Rows of one shared (max_batch, KV, max_context, D) buffer per cache tensor, stepped together."""
+    """Rows of one shared (max_batch, KV, max_context, D) buffer per cache tensor, stepped together.
 
-    def __init__(self, session: OrtSession, max_batch: int, max_context: int):
+    ``prefix_cache_bytes`` > 0 keeps computed prompt prefixes (edgekit.serve.prefix_cache) in that
+    many bytes; ``prefill_batch`` caps the prompts prefilled in one forward (default: max_batch).
+    """
+
+    def __init__(self, session: OrtSession, max_batch: int, max_context: int, prefix_cache_bytes: int = 0,
+                 prefix_block: int = DEFAULT_BLOCK, prefill_batch: int | None = None):
         self.session, self.graph = session, session.graph
         self.max_batch, self.max_context = max_batch, max_context
         self._io = state_io(self.graph.layers)
@@ -58,6 +70,15 @@ class BatchedEngine:
         self.past = [self._zeros(io) for io in self._io]
         self.spare = [None if io.layer.has_kv else self._zeros(io) for io in self._io]
         self.cache_bytes = sum(b.nbytes for b in [*self.past, *self.spare] if b is not None)
+        self.stateful = any(not io.layer.has_kv for io in self._io)  # conv / recurrent states (hybrid)
+        self.prefill_batch = max(1, prefill_batch or max_batch)
+        # Right padding is exact only where nothing mixes positions but masked attention with its
+        # rotary inside GQA (GQA's prompt positions are 0..S-1; edgekit's own rotary reads them from the mask).
+        self.pad_prompts = not self.stateful and rotary_in_kernel(self.graph)
+        self.prefix_cache = (PrefixCache(prefix_cache_bytes, prefix_block, anywhere=not self.stateful)
+                             if prefix_cache_bytes > 0 else None)
+        # per row: states snapshot at block ends while decoding, for `remember` (models with states)
+        self._snaps = [{} for _ in range(max_batch)] if self.prefix_cache and self.stateful else None
 
     def _zeros(self, io) -> np.ndarray:
         layer = io.layer
@@ -80,15 +101,34 @@ class BatchedEngine:
         self.session.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()  # (B, S, vocab)
 
-    def prefill(self, row: int, ids: list[int]) -> np.ndarray:
-        tokens = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # (1, S)
-        mask = np.ones_like(tokens)
-        for past in self._states(self.past):
-            past[row] = 0  # a new sequence starts from empty states
-        logits = self._run(tokens, mask, slice(row, row + 1))[0, -1]
+    def prefill(self, row: int, ids: list[int], keep_all: bool = False) -> np.ndarray:
+        """One prompt into ``row``: the last token's logits (vocab,), or every position's (S, vocab)
+        with ``keep_all`` (prompt logprobs: such a prompt skips the prefix cache)."""
+        return self.prefill_rows(row, [ids], [keep_all]).logits[0]
+
+    def prefill_rows(self, first: int, prompts: list[list[int]], keep_all: list[bool] | None = None) -> "Prefilled":
+        """Prompts into rows first.., batched where exact (module ``prefill``); see :class:`Prefilled`."""
+        from edgekit.serve.prefill import prefill_rows
+
+        return prefill_rows(self, first, prompts, keep_all or [False] * len(prompts))
+
+    def forward(self, first: int, seqs: list[list[int]], starts: list[int]) -> np.ndarray:
+        """Append seqs[b] to row first + b, which holds starts[b] tokens; -> (B, S, vocab), S = the longest.
+
+        Shorter rows are right-padded (the caller knows when that is exact). GroupQueryAttention takes
+        several rows only as a first prompt (every start 0); a row with a past runs alone.
+        """
+        width = max(len(s) for s in seqs)
+        ids = np.zeros((len(seqs), width), dtype=np.int64)  # (B, S) right padding
+        for b, seq in enumerate(seqs):
+            ids[b, :len(seq)] = seq
+        totals = np.asarray(starts, dtype=np.int64) + [len(s) for s in seqs]  # (B,)
+        mask = (np.arange(totals.max())[None, :] < totals[:, None]).astype(np.int64)  # (B, T)
+        rows = slice(first, first + len(seqs))
+        logits = self._run(ids, mask, rows)
         for past, spare in zip(self.past, self.spare):
             if spare is not None:
-                past[row] = spare[row]
+                past[rows] = spare[rows]
         return logits
 
     def decode(self, tokens: list[int], lengths: list[int]) -> np.ndarray:
@@ -100,6 +140,10 @@ class BatchedEngine:
         for i, spare in enumerate(self.spare):
             if spare is not None:  # the next states are in spare[:n]; rows >= n hold nothing
                 self.past[i], self.spare[i] = spare, self.past[i]
+        if self._snaps is not None:
+            for b, total in enumerate(totals.tolist()):
+                if total % self.prefix_cache.block == 0:
+                    self._snaps[b][total] = self.states(b)
         return logits
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -108,23 +152,62 @@ class BatchedEngine:
                 past[dst, :, :length] = past[src, :, :length]
             else:
                 past[dst] = past[src]
+        if self._snaps is not None:
+            self._snaps[dst] = self._snaps[src]
 
-    def _states(self, buffers: list) -> list[np.ndarray]:
-        return [b for io, b in zip(self._io, buffers) if not io.layer.has_kv]
+    def states(self, row: int) -> list[np.ndarray]:
+        """Copies of a row's fixed-size states (a prefix-cache snapshot); [] for attention-only models."""
+        return [past[row].copy() for io, past in zip(self._io, self.past) if not io.layer.has_kv]
+
+    def keys_values(self, row: int, start: int, end: int) -> list[np.ndarray]:
+        """Copies of a row's positions start..end-1, per attention tensor (KV, end - start, D)."""
+        return [past[row, :, start:end].copy() for io, past in zip(self._io, self.past) if io.layer.has_kv]
+
+    def restore(self, row: int, hit: Hit) -> None:
+        """Start ``row`` from a prefix-cache hit: its keys/values and states (empty states on a miss)."""
+        kv = [past for io, past in zip(self._io, self.past) if io.layer.has_kv]
+        for entry in hit.entries:
+            n = min(entry.end, hit.length) - entry.start
+            for buffer, cached in zip(kv, entry.kv):
+                buffer[row, :, entry.start:entry.start + n] = cached[:, :n]
+        states = [past for io, past in zip(self._io, self.past) if not io.layer.has_kv]
+        for i, buffer in enumerate(states):
+            buffer[row] = hit.entries[-1].states[i] if hit.length else 0
+        if self._snaps is not None:
+            self._snaps[row] = {}
+
+    def remember(self, row: int, ids: list[int]) -> None:
+        """Put a leaving row's sequence in the prefix cache: ``ids``, the prompt and the generated tokens
+        its cache holds, so that a growing chat's next prompt resumes after this reply."""
+        if self.prefix_cache is None or not ids:
+            return
+        snapshots = {} if self._snaps is None else {**self._snaps[row], len(ids): self.states(row)}
+        self.prefix_cache.insert(ids, lambda start, end: self.keys_values(row, start, end), snapshots, None)
 
 
 class SerialEngine:
-    """One sequence at a time on any session (any runtime, target and layer kind)."""
+    """One sequence at a time on any session (any runtime, target and layer kind); no prefix cache
+    (its session grows and owns one sequence's cache) and nothing to batch."""
 
     max_batch = 1
     cache_bytes = 0  # the session grows its own cache per request
+    prefix_cache = None
 
     def __init__(self, session: Any, max_context: int):
         self.session, self.graph, self.max_context = session, session.graph, max_context
 
-    def prefill(self, row: int, ids: list[int]) -> np.ndarray:
+    def prefill(self, row: int, ids: list[int], keep_all: bool = False) -> np.ndarray:
+        """The prompt's last logits (vocab,), or with ``keep_all`` every position's (S, vocab)."""
         self.session.reset(self.max_context)
-        return self.session.last_logits(ids)
+        return self.session.forward(ids) if keep_all else self.session.last_logits(ids)
+
+    def prefill_rows(self, first: int, prompts: list[list[int]], keep_all: list[bool] | None = None) -> "Prefilled":
+        """The batched engine's contract with one row: prompts has one prompt."""
+        from edgekit.serve.prefill import Prefilled
+
+        assert len(prompts) == 1, "a serial engine has one row"
+        keep = bool(keep_all and keep_all[0])
+        return Prefilled([self.prefill(first, prompts[0], keep)], [first], [0], [1])
 
     def decode(self, tokens: list[int], lengths: list[int]) -> np.ndarray:
         return self.session.last_logits(tokens)[None]  # (1, vocab)
@@ -133,7 +216,24 @@ class SerialEngine:
         raise AssertionError("a serial engine has one row")
 
 
-def serving_engine(graph: ExportedGraph, max_batch: int, max_context: int, threads: int | None = None) -> Any:
+def rotary_in_kernel(graph: ExportedGraph) -> bool:
+    """Whether every GroupQueryAttention node of the graph rotates q and k itself (``do_rotary`` 1).
+
+    Then a right-padded prompt row is exact: GQA gives a first prompt the positions 0..S-1 whatever
+    its length, where the rotary edgekit emits for other head sizes reads positions from the mask
+    (total - S + i: negative on a padded row). Reads the graph's structure alone, not its weights.
+    """
+    try:
+        import onnx
+    except ImportError:  # the cpu extra brings onnx; without it, do not pad
+        return False
+    model = onnx.load(str(graph.model_path), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    return bool(nodes) and all(any(a.name == "do_rotary" and a.i == 1 for a in n.attribute) for n in nodes)
+
+
+def serving_engine(graph: ExportedGraph, max_batch: int, max_context: int, threads: int | None = None,
+                   prefix_cache_bytes: int = 0, prefill_batch: int | None = None) -> Any:
     """The batched engine when the graph allows it and ``max_batch`` > 1, else the serial one.
 
     Returns the engine and, for a serial one, why it is not batched (None otherwise).
@@ -145,5 +245,6 @@ def serving_engine(graph: ExportedGraph, max_batch: int, max_context: int, threa
     max_context = min(max_context, getattr(session, "max_context", max_context))
     reason = batching_unsupported(session) if max_batch > 1 else None
     if max_batch > 1 and reason is None:
-        return BatchedEngine(session, max_batch, max_context), None
+        engine = BatchedEngine(session, max_batch, max_context, prefix_cache_bytes, prefill_batch=prefill_batch)
+        return engine, None
     return SerialEngine(session, max_context), reason

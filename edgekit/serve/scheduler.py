@@ -3,9 +3,13 @@
 Each step of the scheduler thread:
 
     1. drop cancelled rows (a client that went away) and finished ones; the last row moves into the hole
-    2. admit waiting requests in arrival order while rows are free: prefill each (batch 1, in its row),
-       sample its first token
+    2. admit waiting requests in arrival order while rows are free: prefill them together (restoring
+       cached prefixes, batching misses where exact: edgekit.serve.prefill), sample each first token
     3. decode every active row together (batch n), sample each row's next token
+
+Every request gets a final event: a job whose prefill or sampling fails (a grammar at a dead end)
+ends alone with an error, a failing step fails the rows it ran and the jobs it had taken, and
+once ``stop`` is called a submitted job is refused with an error.
 
 A serial engine (max_batch 1) runs the same loop, so a model that cannot batch is served one request
 at a time from the same FIFO queue. Requests hand results back through ``emit`` (called on this thread;
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.generate import Sampling, sample
+from edgekit.generate import Sampling
 from edgekit.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -45,13 +49,21 @@ class Job:
     """One generation request as the scheduler sees it: prompt, limits, sampling, and its text stream."""
 
     def __init__(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, eos_ids: tuple[int, ...],
-                 stop: list[str], tokenizer: Any, emit: Callable[[Event], None], stream: bool = True):
+                 stop: list[str], tokenizer: Any, emit: Callable[[Event], None], stream: bool = True,
+                 logprobs: int | None = None, echo: bool = False, processor: Any = None):
         self.prompt_ids, self.max_tokens, self.sampling = prompt_ids, max_tokens, sampling
-        self.eos_ids, self.stop, self.tokenizer, self.emit = set(eos_ids), stop, tokenizer, emit
+        # logprobs: top-k per token (None: none); echo: the prompt's too; processor: a logits mask
+        # (edgekit.serve.grammar). edgekit.serve.logprobs fills the two lists below.
+        self.logprobs, self.echo, self.processor = logprobs, echo, processor
+        self.token_logprobs: list[Any] = []  # one entry per generated token, appended before its event
+        self.prompt_logprobs: list[Any] | None = None  # with echo: one entry per prompt token, first None
+        self.eos_ids, self.stop, self.tokenizer, self._emit = set(eos_ids), stop, tokenizer, emit
+        self.answered = False  # its final event (a finish reason) was emitted
         self.stream = stream  # False: one event at the end (less work per token on the event loop)
         self.rng = np.random.default_rng(sampling.seed)
         self.token_ids: list[int] = []
         self.length = 0  # tokens in this row's cache
+        self.cached_tokens = 0  # prompt tokens restored from the prefix cache (usage: cached_tokens)
         self.text = ""  # text of the generated tokens so far
         self._prefix = self._read = 0  # the detokenizer's window (see _detokenize)
         self.sent = ""  # text already emitted (``text`` less a held-back tail)
@@ -61,9 +73,26 @@ class Job:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
 
+    def emit(self, event: Event) -> None:
+        """Hand ``event`` to the request (the web app's queue)."""
+        self.answered = self.answered or event.finish_reason is not None
+        self._emit(event)
+
     def cancel(self) -> None:
         """The client went away: the scheduler frees the row before its next step."""
         self.cancelled.set()
+
+    def prefill(self, engine: Any, row: int) -> np.ndarray:
+        """The prompt's forward in ``row``: its last logits (and, with echo, the prompt's logprobs)."""
+        from edgekit.serve.logprobs import prefill
+
+        return prefill(self, engine, row)
+
+    def pick(self, logits: np.ndarray, metrics: Metrics) -> None:
+        """Mask (processor), sample and record the logprobs of the next token, then accept it."""
+        from edgekit.serve.logprobs import pick
+
+        pick(self, logits, metrics)
 
     def accept(self, token: int, metrics: Metrics) -> None:
         """Record a sampled token; emit the text it completes; set ``finish_reason`` when done."""
@@ -129,6 +158,14 @@ def _failure(what: str, exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _fail(job: Job, error: str) -> None:
+    """End ``job`` with an error event (once: a job that already ended is left alone)."""
+    if job.answered:
+        return
+    job.finish_reason = "error"
+    job.emit(Event(finish_reason="error", error=error))
+
+
 def _held(text: str, stops: list[str]) -> int:
     """Characters to hold back: an incomplete UTF-8 character, or a tail that may start a stop string."""
     if text.endswith("\ufffd"):
@@ -147,11 +184,14 @@ class Scheduler:
 
     def __init__(self, engine: Any, metrics: Metrics | None = None):
         self.engine, self.metrics = engine, metrics or Metrics()
+        if getattr(engine, "prefix_cache", None) is not None:
+            engine.prefix_cache.metrics = self.metrics  # hit tokens, bytes, entries, evictions
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []
         self.peak_active = 0  # the largest batch so far (tests and benchmarks read it)
         self._cond = threading.Condition()
         self._stopping = False
+        self._joining: list[Job] = []  # taken from the queue, not yet in a row: a failing step answers them too
         self._thread = threading.Thread(target=self._loop, name="edgekit-scheduler", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -165,7 +205,11 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
+        """Queue ``job``; once the scheduler is stopping it is answered with an error instead."""
         with self._cond:
+            if self._stopping:
+                _fail(job, "the server is shutting down")
+                return
             self.waiting.append(job)
             self.metrics.queue_depth.set(len(self.waiting))
             self._cond.notify()
@@ -186,12 +230,15 @@ class Scheduler:
                 self.step()
             except Exception as exc:  # a failing step fails its rows, never the server
                 error = _failure("scheduler step failed", exc)
-                for job in list(self.active):
-                    job.finish_reason = "error"
-                    job.emit(Event(finish_reason="error", error=error))
+                for job in [*self.active, *(j for j in self._joining if j not in self.active)]:
+                    _fail(job, error)
                 self.active.clear()
-        for job in [*self.active, *self.waiting]:
-            job.emit(Event(finish_reason="error", error="the server is shutting down"))
+            self._joining = []
+        with self._cond:  # submit refuses new jobs from here on: none is left unanswered
+            left = [*self.active, *self.waiting]
+            self.waiting.clear()
+        for job in left:
+            _fail(job, "the server is shutting down")
 
     def step(self) -> None:
         """Leave, join, decode: one iteration of continuous batching."""
@@ -205,6 +252,8 @@ class Scheduler:
     def _leave(self) -> None:
         for job in [j for j in self.active if j.finish_reason or j.cancelled.is_set()]:
             row, last = self.active.index(job), len(self.active) - 1
+            if hasattr(self.engine, "remember"):  # the prefix cache keeps prompt + reply for a next turn
+                self.engine.remember(row, (job.prompt_ids + job.token_ids)[:job.length])
             if row != last:
                 self.engine.move(last, row, self.active[last].length)
                 self.active[row] = self.active[last]
@@ -215,25 +264,69 @@ class Scheduler:
 
     def _join(self) -> None:
         while len(self.active) < self.engine.max_batch:
-            with self._cond:
-                if not self.waiting:
-                    return
+            free = self.engine.max_batch - len(self.active)
+            jobs = self._take(min(free, getattr(self.engine, "prefill_batch", 1)))
+            if not jobs:
+                return
+            self._joining = jobs
+            together = [j for j in jobs if not j.echo]  # echo scores its prompt: Job.prefill, alone
+            if together:
+                self._prefill_together(together)
+            for job in jobs:
+                if job.echo:
+                    self._prefill_one(job)
+
+    def _take(self, n: int) -> list[Job]:
+        """Up to ``n`` waiting jobs in arrival order (cancelled ones dropped): they prefill together."""
+        jobs: list[Job] = []
+        with self._cond:
+            while self.waiting and len(jobs) < n:
                 job = self.waiting.popleft()
-                self.metrics.queue_depth.set(len(self.waiting))
-            if job.cancelled.is_set():
-                continue
-            try:
-                logits = self.engine.prefill(len(self.active), job.prompt_ids)
-            except Exception as exc:  # this prompt failed; the others go on
-                error = _failure("prefill failed", exc)
-                job.finish_reason = "error"
-                job.emit(Event(finish_reason="error", error=error))
-                continue
-            self.active.append(job)
-            self.peak_active = max(self.peak_active, len(self.active))
-            job.length = len(job.prompt_ids)
-            self.metrics.prompt_tokens.inc(job.length)
-            job.accept(sample(logits, job.sampling, job.rng), self.metrics)
+                if not job.cancelled.is_set():
+                    jobs.append(job)
+            self.metrics.queue_depth.set(len(self.waiting))
+        return jobs
+
+    def _prefill_together(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` into the next rows in one call (the engine restores cached prefixes and
+        batches what it can exactly); if that fails, one at a time, so only a failing prompt fails."""
+        if len(jobs) == 1 or not hasattr(self.engine, "prefill_rows"):
+            for job in jobs:
+                self._prefill_one(job)
+            return
+        try:
+            done = self.engine.prefill_rows(len(self.active), [j.prompt_ids for j in jobs])
+        except Exception as exc:  # e.g. one bad prompt: the retry below fails that one alone
+            log.warning("a batched prefill failed (%s); prefilling its %d prompts one at a time", exc, len(jobs))
+            for job in jobs:
+                self._prefill_one(job)
+            return
+        for size in done.batches:
+            self.metrics.prefill_batch_size.observe(size)
+        for _, job, logits, cached in sorted(zip(done.rows, jobs, done.logits, done.cached), key=lambda t: t[0]):
+            self._place(job, logits, cached)  # rows first.. in order: len(active) is each one's row
+
+    def _prefill_one(self, job: Job) -> None:
+        before = self._cache_hits()
+        try:
+            logits = job.prefill(self.engine, len(self.active))
+        except Exception as exc:  # this prompt failed; the others go on
+            _fail(job, _failure("prefill failed", exc))
+            return
+        self.metrics.prefill_batch_size.observe(1)
+        self._place(job, logits, self._cache_hits() - before)
+
+    def _cache_hits(self) -> int:
+        cache = getattr(self.engine, "prefix_cache", None)
+        return cache.hit_tokens if cache is not None else 0
+
+    def _place(self, job: Job, logits: np.ndarray, cached: int) -> None:
+        """A prefilled job takes the next row and samples its first token."""
+        self.active.append(job)
+        self.peak_active = max(self.peak_active, len(self.active))
+        job.length, job.cached_tokens = len(job.prompt_ids), cached
+        self.metrics.prompt_tokens.inc(job.length)
+        self._pick(job, logits)
 
     def _decode(self) -> None:
         rows = self.active
@@ -242,4 +335,12 @@ class Scheduler:
         for job, row in zip(rows, logits):
             job.length += 1
             if job.finish_reason is None and not job.cancelled.is_set():
-                job.accept(sample(row, job.sampling, job.rng), self.metrics)
+                self._pick(job, row)
+
+    def _pick(self, job: Job, logits: np.ndarray) -> None:
+        """``job.pick``; if it fails (a grammar that allows nothing, a bad row of logits) only this job
+        ends, with an error; its row is freed by the next ``_leave``."""
+        try:
+            job.pick(logits, self.metrics)
+        except Exception as exc:
+            _fail(job, _failure("sampling a token failed", exc))

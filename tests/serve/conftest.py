@@ -74,3 +74,53 @@ def live(tiny_export):
     """Batched server (8 rows, so 16 clients also exercise the queue), with an API key."""
     with LiveServer(tiny_export, max_batch=8, max_context=256, api_key=API_KEY, threads=1) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_code_export(tmp_path_factory):
+    """The trained ``tiny-code`` preset exported for the ort target (as ``edgekit export tiny-code``)."""
+    from edgekit.export import export_model
+
+    out = tmp_path_factory.mktemp("tiny-code") / "export"
+    export_model("tiny-code", out, target="ort", dtype="fp32")
+    return out
+
+
+class ServeProcess:
+    """``edgekit serve FOLDER`` as a user starts it, in a subprocess, logging to a file."""
+
+    def __init__(self, folder, tmp_path, *args: str, env: dict | None = None):
+        import os
+        import subprocess
+        import sys
+
+        self.port, self.log = free_port(), tmp_path / f"serve-{id(self)}.log"
+        command = [sys.executable, "-c", "from edgekit.cli import main; main()", "serve", str(folder),
+                   "--port", str(self.port), "--threads", "1", *args]
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **(env or {})})
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def wait_ready(self, timeout: float = 120) -> "ServeProcess":
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).raise_for_status()
+                return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise AssertionError(f"edgekit serve did not answer in {timeout} s: {self.log.read_text()}")
+
+    def stop(self, sig=None, timeout: float = 30) -> int:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(sig or signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
