@@ -84,6 +84,15 @@ def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
     """Pick the next token from one row of logits."""
     if sampling.greedy:
         return int(np.argmax(logits))
+    probs = distribution(logits, sampling)
+    return int(rng.choice(probs.size, p=probs))
+
+
+def distribution(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """The probabilities ``sample`` draws from (temperature, top-k, top-p applied), float64.
+
+    Speculative decoding's rejection rule needs them explicitly (``edgekit.speculative.verify``).
+    """
     scores = logits.astype(np.float64) / (sampling.temperature or 1.0)
     if sampling.top_k is not None and sampling.top_k < scores.size:
         cutoff = np.partition(scores, -sampling.top_k)[-sampling.top_k]
@@ -97,7 +106,7 @@ def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
         mask[order[keep]] = True
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+    return probs
 
 
 @dataclass
@@ -156,14 +165,14 @@ def generate(
 def _tokens(session: Stepper, prompt_ids, max_new_tokens, sampling, rng) -> Iterator[int]:
     if max_new_tokens <= 0:
         return
-    token = sample(_last_logits(session, prompt_ids), sampling, rng)
+    token = sample(step_logits(session, prompt_ids), sampling, rng)
     yield token
     for _ in range(max_new_tokens - 1):
-        token = sample(_last_logits(session, [token]), sampling, rng)
+        token = sample(step_logits(session, [token]), sampling, rng)
         yield token
 
 
-def _last_logits(session: Stepper, token_ids: list[int]) -> np.ndarray:
+def step_logits(session: Stepper, token_ids: list[int]) -> np.ndarray:
     """The last position's logits; sessions that can skip the others' (``last_logits``) do."""
     last = getattr(session, "last_logits", None)
     return last(token_ids) if last is not None else session.forward(token_ids)[-1]

@@ -25,7 +25,7 @@ import transformers
 from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "edgekit" / "presets" / "tokenizer"
+TOKENIZER_DIR = ROOT / "edgekit" / "export" / "presets" / "tokenizer"
 # Never trained on: their text is heldout.txt.
 HELDOUT = ("textwrap.py", "colorsys.py", "bisect.py")
 HELDOUT_CHARS = 6000
@@ -112,7 +112,7 @@ def write_calibration(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "edgekit" / "presets" / "tiny-code")
+    parser.add_argument("--out", type=Path, default=ROOT / "edgekit" / "export" / "presets" / "tiny-code")
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     model, info = train(args.steps)

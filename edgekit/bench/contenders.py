@@ -50,11 +50,12 @@ class RunTiming:
     step_ms: tuple[float, ...]
     e2e_ms: float
     token_ids: tuple[int, ...]
+    speculative: dict[str, int] | None = None  # proposed, accepted, steps: a speculative contender's run
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunTiming":
         return cls(int(data["prompt_tokens"]), float(data["ttft_ms"]), tuple(data["step_ms"]),
-                   float(data["e2e_ms"]), tuple(data["token_ids"]))
+                   float(data["e2e_ms"]), tuple(data["token_ids"]), data.get("speculative"))
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -132,6 +133,40 @@ class EdgekitContender(SessionContender):
         detail = (f"edgekit {engine.graph.target} {weights}{' build' if engine.kind == 'build' else ''}, "
                   f"{session.describe().removesuffix('ExecutionProvider')}")
         return (self.wrap(session) if self.wrap else session), model_bytes(engine.graph.model_path), detail
+
+
+class SpeculativeContender(EdgekitContender):
+    """edgekit's session with a proposer (``edgekit.speculative``): ngram, mtp or draft:PATH, k tokens a step."""
+
+    def __init__(self, path: str | Path, proposer: str, draft_tokens: int | None = None, threads: int | None = None,
+                 name: str | None = None):
+        super().__init__(path, threads, name=name or f"speculative:{proposer}")
+        self.choice, self.draft_tokens, self.proposer = proposer, draft_tokens, None
+
+    def _open(self) -> tuple[Any, int | None, str]:
+        from edgekit.speculative import DEFAULT_DRAFT_TOKENS, open_proposer
+
+        session, engine_bytes, detail = super()._open()
+        self.draft_tokens = self.draft_tokens or DEFAULT_DRAFT_TOKENS
+        self.proposer = open_proposer(self.choice, session, threads=self.threads)
+        return session, engine_bytes, f"{detail}, {self.choice} k={self.draft_tokens}"
+
+    def run(self, prompt_ids: list[int], new_tokens: int) -> RunTiming:
+        from edgekit.speculative import generate_speculative
+
+        clock = StepClock()
+        with self.tracker.running():
+            result = generate_speculative(self.session, prompt_ids, new_tokens, self.proposer, self.draft_tokens,
+                                          on_token=clock.tick)
+        stats = {"proposed": result.proposed, "accepted": result.accepted, "steps": result.rounds}
+        return RunTiming.from_dict({**clock.timing(len(prompt_ids), result.token_ids), "speculative": stats})
+
+    def close(self) -> None:
+        close = getattr(self.proposer, "close", None)
+        if close is not None:
+            close()
+        self.proposer = None
+        super().close()
 
 
 def _uses_gpu(engine: Engine) -> bool:
@@ -257,6 +292,8 @@ def make_contender(spec: str, graph: ExportedGraph, threads: int | None) -> Cont
     or ``edgekit:LABEL=FOLDER``, another export or build of edgekit's (e.g. its int4 build)."""
     label, _, python = spec.partition("=")
     kind, _, variant = label.partition(":")
+    if kind == "speculative":
+        return _speculative(spec, label, variant, python, graph, threads)
     if kind == "edgekit":
         if not (variant and python):
             raise ConfigError(f"--compare {spec!r}: another edgekit folder takes a label and a path",
@@ -271,3 +308,13 @@ def make_contender(spec: str, graph: ExportedGraph, threads: int | None) -> Cont
     if kind == "torch" and not python:
         return TorchContender(graph.model.source, threads, name=label)
     return PeerContender(label, kind, graph.model.source, variant or None, python or None, threads)
+
+
+def _speculative(spec: str, label: str, variant: str, path: str, graph: ExportedGraph, threads: int | None):
+    """``speculative:ngram``, ``speculative:mtp``, ``speculative:draft=PATH``; ``@K`` sets the draft tokens."""
+    choice, _, k = variant.partition("@")
+    if choice not in ("ngram", "mtp", "draft") or (choice == "draft") != bool(path) or (k and not k.isdigit()):
+        raise ConfigError(f"--compare {spec!r} is not a speculative contender",
+                          "e.g. --compare speculative:ngram, speculative:mtp@2 or speculative:draft=/path/to/draft-export")
+    proposer = f"draft:{path}" if choice == "draft" else choice
+    return SpeculativeContender(graph.path, proposer, int(k) if k else None, threads, name=label)

@@ -17,7 +17,7 @@ FAILED_COLOR = "#b03030"
 PLOT_SOFTWARE = "edgekit bench"  # the PNG's Software text: how a later bench knows the plot is its own
 CONTENDER_KEYS = ("name", "detail", "error", "load_ms", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s",
                   "tpot_ms", "e2e_ms", "tokens_generated", "tokens_match_first", "peak_rss_mb", "peak_device_mb",
-                  "engine_bytes", "roofline_fraction", "ratio_vs_first")
+                  "engine_bytes", "roofline_fraction", "ratio_vs_first", "speculative")
 
 
 @dataclass
@@ -82,10 +82,21 @@ def _summary(m: Measured, lengths: list[int], bandwidth_gbs: float | None) -> di
         tokens_generated=len(decode[-1].token_ids),
         **m.memory,
     )
+    row["speculative"] = _speculation(decode)
     median_rate = row["decode_tokens_per_s"]["median"]
     row["roofline_fraction"] = roofline_fraction(row["engine_bytes"], bandwidth_gbs,
                                                  1000 / median_rate if median_rate else None)
     return row
+
+
+def _speculation(runs: list[RunTiming]) -> dict[str, float] | None:
+    """Acceptance over a speculative contender's decode runs: kept / proposed, kept per target step."""
+    stats = [r.speculative for r in runs if r.speculative]
+    if not stats:
+        return None
+    proposed, accepted, steps = (sum(s[key] for s in stats) for key in ("proposed", "accepted", "steps"))
+    return {"acceptance_rate": accepted / proposed if proposed else 0.0,
+            "mean_accepted": accepted / steps if steps else 0.0, "proposed": proposed, "accepted": accepted}
 
 
 def _ratios(row: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
@@ -113,8 +124,16 @@ def table_rows(report: BenchReport) -> tuple[list[str], list[list[str]]]:
     rows = []
     for row in report.contenders:
         cells = [f"failed: {row['error']}"] + [""] * (len(headers) - 2) if row["error"] else _cells(row, lengths)
-        rows.append([row["name"], *cells])
+        rows.append([_name(row), *cells])
     return headers, rows
+
+
+def _name(row: dict[str, Any]) -> str:
+    """The contender, with its acceptance when it speculates: "speculative:ngram (accepted 0.62, 1.9/step)"."""
+    spec = row.get("speculative")
+    if not spec:
+        return row["name"]
+    return f"{row['name']} (accepted {spec['acceptance_rate']:.2f}, {spec['mean_accepted']:.2f}/step)"
 
 
 def render_table(report: BenchReport):

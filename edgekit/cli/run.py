@@ -29,6 +29,10 @@ def run(
     mmap: bool = typer.Option(None, "--mmap/--no-mmap", help=(
         "Keep the weights memory-mapped (no private copy; slower int4). Default: only when they exceed "
         "80% of available memory.")),
+    speculative: str = typer.Option(None, "--speculative", help=(
+        "Speculative decoding: ngram (prompt lookup), draft:PATH (a smaller export, same tokenizer) or mtp "
+        "(the model's own MTP head: export --mtp). Same output when greedy, same distribution when sampling.")),
+    draft_tokens: int = typer.Option(None, "--draft-tokens", help="Tokens proposed per step with --speculative (default 4)."),
 ) -> None:
     """Generate from PROMPT with the exported model (greedy unless a sampling option is given)."""
     from edgekit.generate import Sampling
@@ -38,11 +42,34 @@ def run(
         sampling = Sampling(temperature, top_k, top_p, seed).check()
         if max_new_tokens < 1:
             raise EdgekitError(f"--max-new-tokens {max_new_tokens} must be >= 1", "e.g. --max-new-tokens 64")
+        _check_speculative(speculative, draft_tokens, chat)
         session = _open(path, profile, threads, mmap)
         if chat:
             _chat(session, prompt, max_new_tokens, sampling, json_out, done)
         else:
-            _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out)
+            proposer = None
+            if speculative is not None:
+                from edgekit.speculative import open_proposer
+
+                proposer = open_proposer(speculative, session, sampling, threads)
+            try:
+                _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out, proposer, draft_tokens)
+            finally:  # a draft or MTP session may hold device memory, like the target's
+                close = getattr(proposer, "close", None)
+                if close is not None:
+                    close()
+
+
+def _check_speculative(speculative: str | None, draft_tokens: int | None, chat: bool) -> None:
+    """Refuse, before loading anything, --speculative options that cannot apply."""
+    if speculative is None:
+        if draft_tokens is not None:
+            raise EdgekitError("--draft-tokens applies with --speculative", "add --speculative ngram (or draft:PATH, mtp)")
+        return
+    if chat:
+        raise EdgekitError("--speculative applies to one completion, not --chat", "drop --chat or --speculative")
+    if draft_tokens is not None and draft_tokens < 1:
+        raise EdgekitError(f"--draft-tokens {draft_tokens} must be >= 1", "e.g. --draft-tokens 4")
 
 
 def _open(path: Path, profile: str | None, threads: int | None, mmap: bool | None):
@@ -62,7 +89,8 @@ def _open(path: Path, profile: str | None, threads: int | None, mmap: bool | Non
     return session
 
 
-def _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out) -> None:
+def _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out, proposer=None,
+              draft_tokens=None) -> None:
     """One generation from --prompt or --prompt-ids, streamed as text when there is a tokenizer."""
     from edgekit.generate import check_prompt, generate
     from edgekit.tokenizer import load_tokenizer
@@ -73,14 +101,22 @@ def _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out) -
     # Before any work: a bad id would fail inside ONNX Runtime, an overlong run at its last positions.
     check_prompt(ids, max_new_tokens, model.vocab_size, model.max_position_embeddings)
     stream = None if json_out or tokenizer is None else tokenizer.stream(sys.stdout)
-    result = generate(session, ids, max_new_tokens, sampling, model.eos_token_ids,
-                      on_token=stream.push if stream else None)
+    on_token = stream.push if stream else None
+    if proposer is None:
+        result = generate(session, ids, max_new_tokens, sampling, model.eos_token_ids, on_token=on_token)
+    else:
+        from edgekit.speculative import DEFAULT_DRAFT_TOKENS, generate_speculative
+
+        result = generate_speculative(session, ids, max_new_tokens, proposer, draft_tokens or DEFAULT_DRAFT_TOKENS,
+                                      sampling, model.eos_token_ids, on_token=on_token)
     text = tokenizer.decode(result.token_ids) if tokenizer else None
+    speculation = _speculation(result)
     if json_out:
         print_json({
             "token_ids": result.token_ids, "text": text, "prompt_tokens": result.prompt_tokens,
             "ttft_ms": result.ttft_ms, "decode_tokens_per_s": result.decode_tokens_per_s,
             "stopped_by": result.stopped_by, "runtime": session.describe(),
+            **({"speculative": speculation} if speculation else {}),
         })
         return
     if stream is None:
@@ -90,6 +126,18 @@ def _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out) -
         f"[dim]{len(result.token_ids)} tokens · first token {result.ttft_ms:.1f} ms · "
         f"decode {result.decode_tokens_per_s:.1f} tok/s · {escape(session.describe())}[/]"
     )
+    if speculation:
+        console.print(f"[dim]speculative: {speculation['accepted']}/{speculation['proposed']} proposed tokens "
+                      f"accepted ({speculation['acceptance_rate']:.2f}) · {speculation['mean_accepted']:.2f} "
+                      f"accepted per step · {speculation['steps']} steps[/]")
+
+
+def _speculation(result) -> dict[str, Any] | None:
+    """What the proposer contributed, when there was one."""
+    if not hasattr(result, "acceptance_rate"):
+        return None
+    return {"proposed": result.proposed, "accepted": result.accepted, "steps": result.rounds,
+            "acceptance_rate": round(result.acceptance_rate, 4), "mean_accepted": round(result.mean_accepted, 4)}
 
 
 def _chat(session, prompt, max_new_tokens, sampling, json_out, done: dict[str, Any]) -> None:

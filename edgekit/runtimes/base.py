@@ -24,6 +24,16 @@ and serve use nothing else:
     session.last_logits(ids)      append ids, return the last position's logits (vocab,)
     session.describe()            what runs it, for people: "onnxruntime 1.32.0 CPUExecutionProvider"
     session.close()               free what it holds (device memory); optional
+    session.checkpoint()          mark this point of the sequence (no copy)
+    session.rollback(length)      drop the tokens after ``length`` (at least the checkpoint's length, at
+                                  most one forward call after it); returns the length the cache now holds:
+                                  ``length`` where rows drop in place (a KV-only shared buffer), else the
+                                  checkpoint's, and the caller feeds the tokens in between again.
+    session.rollback_in_place     True where rollback drops rows by length (over any number of calls)
+
+Rollback serves speculative decoding (``edgekit.speculative``): a verify step appends k + 1 tokens and
+keeps a prefix. Sessions keep exactly one step of history for free (the ping-pong spare of each fixed
+state, the previous OrtValues of a concatenated cache), which is all a verify step needs.
 """
 
 from __future__ import annotations
@@ -52,6 +62,13 @@ class Session(Protocol):
     def describe(self) -> str: ...
 
     def close(self) -> None: ...
+
+    @property
+    def rollback_in_place(self) -> bool: ...
+
+    def checkpoint(self) -> None: ...
+
+    def rollback(self, length: int) -> int: ...
 
 
 class Runtime(Protocol):

@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import ArtifactError, EdgekitError, RuntimeUnavailableError, require
+from edgekit.errors import ArtifactError, EdgekitError, InternalError, RuntimeUnavailableError, require
 from edgekit.types import ExportedGraph, StateIO, state_io
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 KEEP_INPUT = "logits_to_keep"  # builds: how many last positions get logits, 0 = all
+HIDDEN_OUTPUT = "hidden_states"  # exports for MTP: the final norm's output, (batch, seq, hidden)
 
 
 def weights_fit(model: Path, available: int | None = None) -> bool:
@@ -86,6 +87,9 @@ class OrtSession:
         defaults = {KEEP_INPUT: np.zeros(1, dtype=np.int64)} if self._takes_keep else None
         self.session = GuardedSession(self.session, graph, defaults)
         self._last_only = np.ones(1, dtype=np.int64)
+        # An export for MTP (edgekit.export.mtp) also outputs the LM head's input: the proposer reads it.
+        self._takes_hidden = HIDDEN_OUTPUT in {o.name for o in self.session.get_outputs()}
+        self.hidden: np.ndarray | None = None  # (S, hidden) of the last forward, on such a graph
         self.reset()
 
     def describe(self) -> str:
@@ -105,6 +109,8 @@ class OrtSession:
         """Empty the caches; for a shared KV buffer, preallocate ``capacity`` positions."""
         self._length = 0
         self._capacity = 0
+        self._steps = 0  # forward calls since the reset: a rollback undoes at most one
+        self._mark: tuple[int, int, list[Any]] = (0, 0, [])
         self._io = state_io(self.graph.layers)
         # past[i] feeds input i; spare[i] receives a fixed-size state's next value (ping-pong, no allocation).
         self._past: list[Any] = [None] * len(self._io)
@@ -144,9 +150,12 @@ class OrtSession:
                 self._past[i] = self._value(array, ("past", i))
         self._capacity = capacity
 
-    def forward(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
-        """Append ``token_ids`` to the sequence; returns their logits, (S, vocab) float32."""
-        return self._run(token_ids, last_only=False)
+    def forward(self, token_ids: list[int] | np.ndarray, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Append ``token_ids`` to the sequence; returns their logits, (S, vocab) float32.
+
+        ``inputs``: further graph inputs by name, (1, S, ...) each (an MTP head's target hidden states).
+        """
+        return self._run(token_ids, last_only=False, inputs=inputs)
 
     def last_logits(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
         """Append ``token_ids``; returns the last one's logits, (vocab,) float32.
@@ -156,7 +165,46 @@ class OrtSession:
         """
         return self._run(token_ids, last_only=True)[-1]
 
-    def _run(self, token_ids: list[int] | np.ndarray, last_only: bool) -> np.ndarray:
+    @property
+    def rollback_in_place(self) -> bool:
+        """Whether :meth:`rollback` drops KV rows by length, over any number of forward calls."""
+        return self.shared and all(io.layer.has_kv for io in self._io)
+
+    def checkpoint(self) -> None:
+        """Mark this point; a later :meth:`rollback` returns to it (or past it, for KV rows in place).
+
+        No copy: a concatenated cache keeps the previous OrtValues (each step makes new ones), and a
+        fixed-size state's previous value is its ping-pong spare until a second step overwrites it.
+        """
+        self._mark = (self._length, self._steps, list(self._past))
+
+    def rollback(self, length: int) -> int:
+        """Drop the tokens after ``length``; returns the length now held (see edgekit.runtimes.base).
+
+        On the ``ort`` target's shared buffer, KV rows drop by length alone: GroupQueryAttention reads
+        the valid length from the mask, and the rows past it are rewritten by the next step. A graph
+        with fixed-size states (or a concatenated cache) returns to the checkpoint instead.
+        """
+        marked, steps, pasts = self._mark
+        if not marked <= length <= self._length:
+            raise InternalError(f"rollback to {length} outside the checkpoint's {marked}..{self._length} tokens")
+        if length == self._length:
+            return length
+        if self.rollback_in_place:
+            self._length = length
+            return length
+        if self._steps - steps != 1:
+            raise InternalError(f"rollback over {self._steps - steps} forward calls; sessions keep one")
+        for i, io in enumerate(self._io):
+            if not io.layer.has_kv:
+                self._past[i], self._spare[i] = self._spare[i], self._past[i]
+            elif not self.shared:
+                self._past[i] = pasts[i]
+        self._length, self._steps = marked, steps
+        return marked
+
+    def _run(self, token_ids: list[int] | np.ndarray, last_only: bool,
+             inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         total = self._length + ids.shape[1]
         if total > self.graph.model.max_position_embeddings:
@@ -171,6 +219,8 @@ class OrtSession:
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         if last_only and self._takes_keep:
             binding.bind_cpu_input(KEEP_INPUT, self._last_only)
+        for name, value in (inputs or {}).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.bind_output("logits", "cpu")  # first, so get_outputs()[0] is the logits
         for i, io in enumerate(self._io):
             binding.bind_ortvalue_input(io.past, self._past[i])
@@ -180,14 +230,19 @@ class OrtSession:
                 binding.bind_ortvalue_output(io.present, self._past[i])  # GQA writes in place
             else:
                 binding.bind_output(io.present, self.device)
+        if self._takes_hidden:
+            binding.bind_output(HIDDEN_OUTPUT, "cpu")  # last: the states keep their output indices
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
+        if self._takes_hidden:
+            self.hidden = outputs[-1].numpy()[0]
         for i, io in enumerate(self._io):
             if not io.layer.has_kv:
                 self._past[i], self._spare[i] = self._spare[i], self._past[i]
             elif not self.shared:
                 self._past[i] = outputs[1 + i]
         self._length = total
+        self._steps += 1
         return outputs[0].numpy()[0]
 
 

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgekit.errors import ArtifactError, EdgekitError, MissingDependencyError
+from edgekit.errors import ArtifactError, EdgekitError, InternalError, MissingDependencyError
 from edgekit.types import ExportedGraph, state_io
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
@@ -210,7 +210,8 @@ class PlanSession:
 
     def reset(self, capacity: int = 0) -> None:
         """Empty the cache. ``capacity`` is accepted for the contract: the buffers already hold the max context."""
-        self._length, self._parity = 0, 0
+        self._length, self._parity, self._steps = 0, 0, 0
+        self._mark = (0, 0, 0)  # (length, parity, steps) at the last checkpoint
         for spec in self.plan.buffers:
             if spec.role in ("conv", "recurrent"):  # fixed states start at zero; an empty KV past reads nothing
                 self.executor.zero(self._buffers[spec.name][0], spec.nbytes)
@@ -226,6 +227,30 @@ class PlanSession:
     def describe(self) -> str:
         """What runs it, for people."""
         return self._description
+
+    rollback_in_place = False  # see rollback: the ping-pong layout depends on the length
+
+    def checkpoint(self) -> None:
+        """Mark this point; :meth:`rollback` returns to it after one step (no copy, no device call)."""
+        self._mark = (self._length, self._parity, self._steps)
+
+    def rollback(self, length: int) -> int:
+        """Drop the tokens after ``length``: back to the checkpoint, whose length it returns.
+
+        A step reads the states' past copy and writes the other, so after one step the past copy
+        still holds the checkpoint's KV (laid out (1, KV, past, D)) and fixed states: flipping the
+        parity back restores them all. Dropping KV rows in place would need a strided device copy
+        (a present's layout depends on its length), so the caller feeds the kept tokens again.
+        """
+        marked, parity, steps = self._mark
+        if not marked <= length <= self._length:
+            raise InternalError(f"rollback to {length} outside the checkpoint's {marked}..{self._length} tokens")
+        if length == self._length:
+            return length
+        if self._steps - steps != 1:
+            raise InternalError(f"rollback over {self._steps - steps} engine steps; the ping-pong buffers keep one")
+        self._length, self._parity, self._steps = marked, parity, steps
+        return marked
 
     def close(self) -> None:
         """Free the device buffers, the context and the stream."""
@@ -264,6 +289,7 @@ class PlanSession:
         ex.execute()
         self._parity ^= 1  # this step's presents are the next step's pasts
         self._length = past + new
+        self._steps += 1
 
     def _fetch(self, first_row: int, count: int) -> np.ndarray:
         """Logits rows [first_row, first_row + count) of the last step, as float32."""

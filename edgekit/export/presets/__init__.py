@@ -27,11 +27,14 @@ PRESETS: dict[str, tuple[str, int]] = {
     "tiny-qwen3-next": ("Qwen3NextForCausalLM", 0),
     "tiny-gemma3": ("Gemma3ForCausalLM", 0),
     "tiny-code": ("Qwen3ForCausalLM", 0),
+    "tiny-code-mtp": ("Qwen3_5ForCausalLM", 0),
 }
 # Presets with trained weights shipped as package data (scripts/train_tiny_code.py), with a
 # held-out text (heldout.txt) for quality measurement: random weights make perplexity meaningless.
 TRAINED: dict[str, Path] = {
     "tiny-code": Path(__file__).parent / "tiny-code",
+    # Qwen3.5 with an MTP head (mtp.* tensors), same corpus (scripts/train_tiny_code_mtp.py): speculative decoding.
+    "tiny-code-mtp": Path(__file__).parent / "tiny-code-mtp",
 }
 
 

@@ -1,0 +1,159 @@
+"""Speculative decoding over any runtime session: propose k tokens, verify them in one forward.
+
+    committed text ─proposer.propose→ d1..dk ─session.forward(pending + d1..dk)→ k + 1 logits rows
+        ─verify (greedy: longest agreeing prefix; sampling: rejection rule)→ d1..dj + the target's own token
+        ─session.rollback→ the cache keeps the committed text; what it could not keep is fed again
+
+One forward per round reads the weights once, whether it checks 1 token or k + 1: on a device
+where decode is bound by reading the weights, each accepted proposal is a token for free.
+
+Rollback (``edgekit.runtimes.base``): a KV-only cache on the ``ort`` target drops the rejected rows
+by length. A session with fixed-size states (Gated DeltaNet conv + recurrent) or a ping-pong /
+concatenated cache returns to the state before the verify step, kept for free (the spare buffer
+of the ping-pong, the previous OrtValues), and the kept tokens go into the next round's forward.
+That costs no extra call and no copy; keeping the state at every verified position instead would
+need the graph to output k + 1 recurrent states per layer (benchmarks/SPECULATIVE.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+from edgekit.generate import Generation, Sampling, step_logits, sample
+from edgekit.speculative.base import Proposal, Proposer
+from edgekit.speculative.verify import accept_greedy, accept_sampled
+
+DEFAULT_DRAFT_TOKENS = 4
+
+__all__ = ["DEFAULT_DRAFT_TOKENS", "Proposal", "Proposer", "SpeculativeGeneration", "generate_speculative"]
+
+
+@dataclass
+class SpeculativeGeneration(Generation):
+    """A generation with what the proposer contributed."""
+
+    proposed: int = 0  # proposed tokens the target checked
+    accepted: int = 0  # of which it kept
+    rounds: int = 0  # target forward calls after the prefill
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Kept proposals per checked proposal."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Kept proposals per target forward (each forward also yields one token of the target's own)."""
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+
+def generate_speculative(
+    session, prompt_ids: list[int], max_new_tokens: int, proposer: Proposer,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS, sampling: Sampling = Sampling(), eos_ids: tuple[int, ...] = (),
+    on_token: Callable[[int], None] | None = None,
+) -> SpeculativeGeneration:
+    """``edgekit.generate.generate`` with proposals: the same tokens when greedy, the same
+    distribution when sampling, in fewer target forwards."""
+    if not prompt_ids:
+        raise EdgekitError("the prompt is empty", "pass --prompt TEXT or --prompt-ids 1,2,3")
+    if draft_tokens < 1:
+        raise EdgekitError(f"--draft-tokens {draft_tokens} must be >= 1", "e.g. --draft-tokens 4")
+    result = SpeculativeGeneration(prompt_tokens=len(prompt_ids))
+    if max_new_tokens <= 0:
+        return result
+    rng = np.random.default_rng(sampling.seed)
+    session.reset(len(prompt_ids) + max_new_tokens + draft_tokens)
+    clock = _Clock(result, on_token, eos_ids)
+    # As plain generate prefills (a build computes the last row's logits alone); an MTP target
+    # still outputs every row's hidden state, which its proposer reads.
+    context = [*prompt_ids, sample(step_logits(session, list(prompt_ids)), sampling, rng)]
+    proposer.observe(context, 0, getattr(session, "hidden", None))
+    if clock.emit(context[-1:]):
+        return result
+    while len(result.token_ids) < max_new_tokens:
+        room = max_new_tokens - len(result.token_ids) - 1  # the round's own token takes one
+        new = _round(session, proposer, context, min(draft_tokens, room), sampling, rng, result)
+        context += new
+        if clock.emit(new[: max_new_tokens - len(result.token_ids)]):
+            break
+    return result
+
+
+def _round(session, proposer: Proposer, context: list[int], k: int, sampling: Sampling,
+           rng: np.random.Generator, result: SpeculativeGeneration) -> list[int]:
+    """One verify step: the tokens it commits (kept proposals + the target's own)."""
+    proposal = proposer.propose(context, k) if k > 0 else Proposal([])
+    drafts = proposal.tokens[:k]
+    cached = session.length
+    pending = context[cached:]  # committed, not yet in the cache: at least the newest token
+    session.checkpoint()
+    rows = session.forward(pending + drafts)[len(pending) - 1:]  # (len(drafts) + 1, vocab)
+    if sampling.greedy:
+        kept, token = accept_greedy(rows, drafts)
+    else:
+        probs = proposal.probs[:k] if proposal.probs is not None else None
+        kept, token = accept_sampled(rows, drafts, probs, sampling, rng)
+    session.rollback(cached + len(pending) + kept)  # the rest is fed again next round
+    new = [*drafts[:kept], token]
+    proposer.observe(context + new, cached, getattr(session, "hidden", None))
+    result.proposed += len(drafts)
+    result.accepted += kept
+    result.rounds += 1
+    return new
+
+
+class _Clock:
+    """Streams tokens, times the first and the rest, stops at an end-of-sequence id."""
+
+    def __init__(self, result: Generation, on_token, eos_ids: tuple[int, ...]):
+        self.result, self.on_token, self.eos_ids = result, on_token, eos_ids
+        self.start = time.perf_counter()
+        self.decode_start = 0.0
+
+    def emit(self, tokens: list[int]) -> bool:
+        """Record ``tokens``; True when generation is over (an end-of-sequence id)."""
+        result = self.result
+        now = time.perf_counter()
+        for token in tokens:
+            if not result.token_ids:
+                result.ttft_ms = (now - self.start) * 1000
+                self.decode_start = now
+            else:
+                result.decode_ms = (now - self.decode_start) * 1000
+            result.token_ids.append(token)
+            if self.on_token is not None:
+                self.on_token(token)
+            if token in self.eos_ids:
+                result.stopped_by = "eos"
+                return True
+        return False
+
+
+PROPOSER_CHOICES = "ngram, draft:PATH (an export or build with the same tokenizer) or mtp"
+
+
+def open_proposer(choice: str, session, sampling: Sampling = Sampling(), threads: int | None = None) -> Proposer:
+    """The proposer ``--speculative`` names, ready for ``session``'s model."""
+    from pathlib import Path
+
+    if choice == "ngram":
+        from edgekit.speculative.ngram import NgramProposer
+
+        return NgramProposer()
+    if choice.startswith("draft:") and len(choice) > len("draft:"):
+        from edgekit.runtimes.registry import open_engine
+        from edgekit.speculative.draft import DraftProposer, check_same_tokenizer
+
+        draft = open_engine(Path(choice.removeprefix("draft:")), threads=threads)
+        check_same_tokenizer(session.graph, draft.graph)
+        return DraftProposer(draft, sampling, sampling.seed)
+    if choice == "mtp":
+        from edgekit.speculative.mtp import open_mtp
+
+        return open_mtp(session, sampling, threads)
+    raise EdgekitError(f"--speculative {choice!r} is not a proposer", f"use {PROPOSER_CHOICES}")
