@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgekit.runtimes.onnxruntime import OrtSession
+from edgekit.runtimes.onnxruntime import KEEP_INPUT, OrtSession
 from edgekit.serve.prefix_cache import DEFAULT_BLOCK, Hit, PrefixCache
 from edgekit.types import ExportedGraph, state_io
 
@@ -64,6 +64,9 @@ class BatchedEngine:
                  prefix_block: int = DEFAULT_BLOCK, prefill_batch: int | None = None):
         self.session, self.graph = session, session.graph
         self.max_batch, self.max_context = max_batch, max_context
+        # Builds take `logits_to_keep`: the LM head then reads only the positions a prefill needs
+        # (a 512-token prompt of a 150k vocabulary otherwise computes 512 rows of logits for one).
+        self.keeps_logits = KEEP_INPUT in {i.name for i in session.session.get_inputs()}
         self._io = state_io(self.graph.layers)
         # per cache tensor in graph order: (max_batch, KV, max_context, D) for key/value, shared past/present;
         # (max_batch, *state) for a fixed-size state, with a spare buffer for its next value
@@ -87,11 +90,15 @@ class BatchedEngine:
         dtype = np.float32 if io.part == "recurrent" else self.session.dtype
         return np.zeros((self.max_batch, *layer.states[io.part]), dtype)
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: slice) -> np.ndarray:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: slice, keep: int = 0) -> np.ndarray:
+        """One forward over ``rows``; logits (B, S, vocab), or of the last ``keep`` positions (B, keep, vocab)
+        on a build that takes ``logits_to_keep`` (0: every position)."""
         ort = self.session.ort
         binding = self.session.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
+        if self.keeps_logits:
+            binding.bind_cpu_input(KEEP_INPUT, np.asarray([keep], dtype=np.int64))
         binding.bind_output("logits", "cpu")
         for io, past, spare in zip(self._io, self.past, self.spare):
             value = ort.OrtValue.ortvalue_from_numpy(past[rows])  # a view: no copy, GQA writes in place
@@ -112,11 +119,12 @@ class BatchedEngine:
 
         return prefill_rows(self, first, prompts, keep_all or [False] * len(prompts))
 
-    def forward(self, first: int, seqs: list[list[int]], starts: list[int]) -> np.ndarray:
+    def forward(self, first: int, seqs: list[list[int]], starts: list[int], keep: int = 0) -> np.ndarray:
         """Append seqs[b] to row first + b, which holds starts[b] tokens; -> (B, S, vocab), S = the longest.
 
         Shorter rows are right-padded (the caller knows when that is exact). GroupQueryAttention takes
-        several rows only as a first prompt (every start 0); a row with a past runs alone.
+        several rows only as a first prompt (every start 0); a row with a past runs alone. ``keep`` > 0:
+        logits of the last ``keep`` positions only, where the graph can (``keeps_logits``), (B, keep, vocab).
         """
         width = max(len(s) for s in seqs)
         ids = np.zeros((len(seqs), width), dtype=np.int64)  # (B, S) right padding
@@ -125,7 +133,7 @@ class BatchedEngine:
         totals = np.asarray(starts, dtype=np.int64) + [len(s) for s in seqs]  # (B,)
         mask = (np.arange(totals.max())[None, :] < totals[:, None]).astype(np.int64)  # (B, T)
         rows = slice(first, first + len(seqs))
-        logits = self._run(ids, mask, rows)
+        logits = self._run(ids, mask, rows, keep)
         for past, spare in zip(self.past, self.spare):
             if spare is not None:
                 past[rows] = spare[rows]
@@ -136,7 +144,7 @@ class BatchedEngine:
         totals = np.asarray(lengths, dtype=np.int64) + 1  # (n,)
         mask = (np.arange(totals.max())[None, :] < totals[:, None]).astype(np.int64)  # (n, T) right padding
         ids = np.asarray(tokens, dtype=np.int64).reshape(n, 1)  # (n, 1)
-        logits = self._run(ids, mask, slice(0, n))[:, 0]
+        logits = self._run(ids, mask, slice(0, n), keep=1)[:, 0]
         for i, spare in enumerate(self.spare):
             if spare is not None:  # the next states are in spare[:n]; rows >= n hold nothing
                 self.past[i], self.spare[i] = spare, self.past[i]

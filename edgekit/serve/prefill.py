@@ -50,9 +50,10 @@ class _Row:
     parts: list[np.ndarray] = field(default_factory=list)
     snapshots: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
-    def took(self, logits: np.ndarray, engine: Any) -> None:
-        """Record a forward's logits (S, vocab) for this row's next S tokens; snapshot where due."""
-        self.pos += logits.shape[0]
+    def took(self, count: int, logits: np.ndarray, engine: Any) -> None:
+        """Record a forward of this row's next ``count`` tokens: its logits, (count, vocab) with keep_all,
+        else at least the last token's (the last row); snapshot where due."""
+        self.pos += count
         self.parts.append(logits if self.keep_all else logits[-1:])
         cache = engine.prefix_cache
         if cache is not None and engine.stateful and (self.pos % cache.block == 0 or self.pos == len(self.ids)):
@@ -81,15 +82,20 @@ def prefill_rows(engine: Any, first: int, prompts: list[list[int]], keep_all: li
         engine.restore(row.row, row.hit)
     batches = []
     for group, widths in _groups(engine, [rows[i] for i in order if rows[i].pos == 0]):
-        logits = engine.forward(group[0].row, [r.ids[:w] for r, w in zip(group, widths)], [0] * len(group))
+        # Logits from the shortest row's last position on (every row's last token is in there), or all
+        # of them when a row needs its prompt's logits; a graph without logits_to_keep returns all anyway.
+        keep = 0 if any(r.keep_all for r in group) else max(widths) - min(widths) + 1
+        logits = engine.forward(group[0].row, [r.ids[:w] for r, w in zip(group, widths)], [0] * len(group), keep)
+        skipped = max(widths) - logits.shape[1]  # positions left out at the front
         for b, (row, width) in enumerate(zip(group, widths)):
-            row.took(logits[b, :width], engine)
+            row.took(width, logits[b, :width - skipped], engine)
         batches.append(len(group))
     for i in order:
         row = rows[i]
         while row.pos < len(row.ids):
             stop = row.stop(engine)
-            row.took(engine.forward(row.row, [row.ids[row.pos:stop]], [row.pos])[0], engine)
+            keep = 0 if row.keep_all else 1
+            row.took(stop - row.pos, engine.forward(row.row, [row.ids[row.pos:stop]], [row.pos], keep)[0], engine)
             batches.append(1)
     if cache is not None:
         for row in rows.values():

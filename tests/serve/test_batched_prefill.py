@@ -114,3 +114,36 @@ def test_a_failing_prompt_fails_alone(exported):
     assert jobs[1].finish_reason == "error" and events[1][-1].error
     for i in (0, 2):
         assert jobs[i].token_ids == generate(open_engine(graph.path, threads=1), prompts[i], 4).token_ids
+
+
+@pytest.fixture(scope="module")
+def cpu_build(exported, tmp_path_factory):
+    """A CPU build of the tiny Qwen3 (fp32): its graph takes logits_to_keep."""
+    from edgekit.engines import build_engine
+
+    out = tmp_path_factory.mktemp("serve-build") / "qwen3-fp32"
+    build_engine(exported("Qwen3ForCausalLM", "ort"), "cpu-x86-64", out, quant=None, precision="fp32")
+    return out
+
+
+def test_a_build_computes_only_the_logits_a_prefill_needs(cpu_build):
+    """On a build (logits_to_keep), padded group and single-row prefills get the last positions'
+    logits only, and every row's logits still equal a batch-1 session's; keep_all gets them all."""
+    session = open_engine(cpu_build, threads=1)
+    engine = BatchedEngine(session, max_batch=4, max_context=64)
+    assert engine.keeps_logits
+    assert engine.forward(0, [[5, 6, 7], [8, 9]], [0, 0], keep=2).shape == (2, 2, session.graph.model.vocab_size)
+    prompts = prompts_of([12, 9, 12, 11], seed=2)
+    done = engine.prefill_rows(0, prompts)
+    assert max(done.batches) > 1
+    reference = open_engine(cpu_build, threads=1)
+    for prompt, logits in zip(prompts, done.logits):
+        reference.reset(len(prompt))
+        np.testing.assert_allclose(logits, reference.last_logits(prompt), atol=1e-4)
+    everything = engine.prefill_rows(0, prompts[:1], keep_all=[True]).logits[0]
+    reference.reset(len(prompts[0]))
+    assert everything.shape == (12, reference.graph.model.vocab_size)
+    np.testing.assert_allclose(everything, reference.forward(prompts[0]), atol=1e-4)
+    jobs, _ = run_all(BatchedEngine(open_engine(cpu_build, threads=1), 4, 64), prompts, 5)
+    for prompt, job in zip(prompts, jobs):
+        assert job.token_ids == generate(open_engine(cpu_build, threads=1), prompt, 5).token_ids
