@@ -110,3 +110,36 @@ def export_of(tmp_path_factory):
         return made[(preset, target)]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def small_profile(trt_profile, tmp_path_factory):
+    """The chosen profile's TOML with small shapes (SHAPES), so each plan builds in seconds."""
+    import re
+
+    text = trt_profile.path.read_text()
+    for key, (low, opt, high) in SHAPES.items():
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = [{low}, {opt}, {high}]", text)
+    path = tmp_path_factory.mktemp("profile") / f"{trt_profile.name}.toml"
+    path.write_text(text)
+    return path
+
+
+PROMPT_IDS = "3,17,42,7,99,100,5,64,12,8,250,31,77,4,9,2"  # 16 ids: within the small profile's prompt max
+
+
+@pytest.fixture(scope="session")
+def run_tokens():
+    """factory(path, *extra) -> `edgekit run PATH --prompt-ids PROMPT_IDS --max-new-tokens 16 --json`'s object."""
+    import json
+    import subprocess
+    import sys
+
+    def run(path, *extra) -> dict:
+        result = subprocess.run([sys.executable, "-c", "from edgekit.cli import main; main()", "run", str(path),
+                                 "--prompt-ids", PROMPT_IDS, "--max-new-tokens", "16", "--json", *extra],
+                                check=False, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout)
+
+    return run

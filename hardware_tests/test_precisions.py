@@ -10,13 +10,11 @@ cuda-python, onnxruntime-gpu or the export stack (fixtures in conftest.py).
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
 import pytest
 
-PROMPT_IDS = "3,17,42,7,99,100,5,64,12,8,250,31,77,4,9,2"
 PRESET = "tiny-code"  # trained: greedy tokens and perplexity mean something
 # The issue's bars for int4 weight-only (RTN, block 128); fp8 is held to the same.
 MAX_PERPLEXITY_INCREASE = {"int4": 0.03, "fp8": 0.03}
@@ -26,23 +24,6 @@ MIN_TOP1 = {"int4": 0.90, "fp8": 0.90}
 def edgekit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from edgekit.cli import main; main()", *args],
                           check=False, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def small_profile(trt_profile, tmp_path_factory):
-    """The chosen profile's TOML with small shapes, so each plan builds in seconds."""
-    text = trt_profile.path.read_text()
-    for key, value in (("prompt", "[1, 16, 64]"), ("context", "[1, 128, 256]"), ("batch", "[1, 1, 1]")):
-        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-    path = tmp_path_factory.mktemp("profile") / f"{trt_profile.name}.toml"
-    path.write_text(text)
-    return path
-
-
-def _tokens(path, *extra) -> dict:
-    result = edgekit("run", str(path), "--prompt-ids", PROMPT_IDS, "--max-new-tokens", "16", "--json", *extra)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
 
 
 def _build(export, profile, out, runtime: str, precision: str, *extra) -> dict:
@@ -57,7 +38,7 @@ def _tensorrt_precisions(profile) -> list[str]:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int4", "fp8"])
-def test_tensorrt_precision_runs_on_the_gpu(precision, trt_profile, small_profile, export_of, tmp_path):
+def test_tensorrt_precision_runs_on_the_gpu(run_tokens, precision, trt_profile, small_profile, export_of, tmp_path):
     if precision not in _tensorrt_precisions(trt_profile):
         pytest.skip(f"{trt_profile.name} has no {precision} ({trt_profile.hardware['compute_capability']})")
     from edgekit.export.presets import TRAINED
@@ -67,10 +48,10 @@ def test_tensorrt_precision_runs_on_the_gpu(precision, trt_profile, small_profil
     extra = ("--calibration", str(heldout)) if precision == "fp8" else ()
     sidecar = _build(export, small_profile, tmp_path / precision, "tensorrt", precision, *extra)
     assert sidecar["flags"] == [] and sidecar["graph"]["precision"] == precision  # strongly typed, from the graph
-    on_gpu = _tokens(tmp_path / precision)
+    on_gpu = run_tokens(tmp_path / precision)
     assert on_gpu["runtime"].startswith("TensorRT"), on_gpu["runtime"]  # not a silent CPU fallback
     if precision in ("fp16", "bf16"):
-        want = _tokens(export)["token_ids"]
+        want = run_tokens(export)["token_ids"]
         assert on_gpu["token_ids"][:8] == want[:8], (on_gpu["token_ids"], want)
         return
     from edgekit.quality import measure_quality
@@ -81,18 +62,18 @@ def test_tensorrt_precision_runs_on_the_gpu(precision, trt_profile, small_profil
     assert report.top1_agreement >= MIN_TOP1[precision], report
 
 
-def test_stripped_int4_plan_refits_from_its_graph(trt_profile, small_profile, export_of, tmp_path):
+def test_stripped_int4_plan_refits_from_its_graph(run_tokens, trt_profile, small_profile, export_of, tmp_path):
     export = export_of(PRESET)
     stripped = _build(export, small_profile, tmp_path / "stripped", "tensorrt", "int4", "--strip-weights")
     assert (tmp_path / "stripped" / "model.onnx").is_file() and stripped["tensorrt"]["refit_from"] == "model.onnx"
     full = _build(export, small_profile, tmp_path / "full", "tensorrt", "int4")
     assert full.get("graph_kept") is False and not (tmp_path / "full" / "model.onnx").exists()
-    refitted, whole = _tokens(tmp_path / "stripped"), _tokens(tmp_path / "full")
+    refitted, whole = run_tokens(tmp_path / "stripped"), run_tokens(tmp_path / "full")
     assert refitted["runtime"].startswith("TensorRT") and refitted["token_ids"] == whole["token_ids"]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int4", "int8"])
-def test_ort_cuda_precision_runs_on_the_gpu(precision, profile, machine, export_of, tmp_path):
+def test_ort_cuda_precision_runs_on_the_gpu(run_tokens, precision, profile, machine, export_of, tmp_path):
     from edgekit.runtimes.registry import get_runtime
 
     reason = get_runtime("ort-cuda").is_available()
@@ -100,7 +81,7 @@ def test_ort_cuda_precision_runs_on_the_gpu(precision, profile, machine, export_
         pytest.skip(f"ort-cuda: {reason}")
     export = export_of(PRESET, "ort")
     _build(export, profile.path, tmp_path / precision, "ort-cuda", precision)
-    on_gpu = _tokens(tmp_path / precision)
+    on_gpu = run_tokens(tmp_path / precision)
     assert "CUDAExecutionProvider" in on_gpu["runtime"], on_gpu["runtime"]
     if precision == "fp16":
-        assert on_gpu["token_ids"][:8] == _tokens(export)["token_ids"][:8]
+        assert on_gpu["token_ids"][:8] == run_tokens(export)["token_ids"][:8]

@@ -7,13 +7,8 @@ Skips where TensorRT, cuda-python or a GPU is missing (the fixtures in conftest.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-
-import pytest
-
-PROMPT_IDS = "3,17,42,7,99,100,5,64,12,8,250,31,77,4,9,2"  # 16 ids: within the small profile's prompt max
 
 
 def edgekit(*args: str) -> subprocess.CompletedProcess:
@@ -21,31 +16,13 @@ def edgekit(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="session")
-def small_profile(trt_profile, tmp_path_factory):
-    """The chosen profile's TOML with small shapes, so each plan builds in seconds."""
-    text = trt_profile.path.read_text()
-    text = re.sub(r"(?m)^prompt = .*$", "prompt = [1, 16, 64]", text)
-    text = re.sub(r"(?m)^context = .*$", "context = [1, 128, 256]", text)
-    text = re.sub(r"(?m)^batch = .*$", "batch = [1, 1, 1]", text)
-    path = tmp_path_factory.mktemp("profile") / f"{trt_profile.name}.toml"
-    path.write_text(text)
-    return path
-
-
-def _tokens(path, *extra) -> dict:
-    result = edgekit("run", str(path), "--prompt-ids", PROMPT_IDS, "--max-new-tokens", "16", "--json", *extra)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
-
-
-def test_build_run_and_bench_a_native_plan(small_profile, export_of, tmp_path):
+def test_build_run_and_bench_a_native_plan(run_tokens, small_profile, export_of, tmp_path):
     export = export_of("tiny-qwen3")
     out = tmp_path / "trt"
     built = edgekit("build", str(export), "--profile", str(small_profile), "--runtime", "tensorrt",
                     "--precision", "fp32", "-o", str(out))
     assert built.returncode == 0, built.stderr[-3000:]
-    on_gpu, on_cpu = _tokens(out), _tokens(export)
+    on_gpu, on_cpu = run_tokens(out), run_tokens(export)
     assert on_gpu["runtime"].startswith("TensorRT"), on_gpu["runtime"]  # not a silent CPU fallback
     assert on_gpu["token_ids"] == on_cpu["token_ids"]
     bench = edgekit("bench", str(out), "--prompt-lengths", "16", "--new-tokens", "16", "--runs", "2", "--json")
@@ -54,7 +31,7 @@ def test_build_run_and_bench_a_native_plan(small_profile, export_of, tmp_path):
     print(json.dumps(report, indent=1)[:4000])
 
 
-def test_a_bundle_of_stripped_plans_holds_the_weights_once(small_profile, export_of, tmp_path):
+def test_a_bundle_of_stripped_plans_holds_the_weights_once(run_tokens, small_profile, export_of, tmp_path):
     export = export_of("tiny-qwen3")
     stripped = tmp_path / "stripped"
     built = edgekit("build", str(export), "--profile", str(small_profile), "--runtime", "tensorrt",
@@ -72,6 +49,6 @@ def test_a_bundle_of_stripped_plans_holds_the_weights_once(small_profile, export
     # One copy of the weights (the export's) beside plans that hold none; on a tiny model the
     # plan's own kernels are not small next to the weights, so they are counted apart.
     assert bundle.stat().st_size <= 1.15 * weights + plan
-    on_gpu = _tokens(bundle, "--profile", small_profile.stem)
+    on_gpu = run_tokens(bundle, "--profile", small_profile.stem)
     assert on_gpu["runtime"].startswith("TensorRT")
-    assert on_gpu["token_ids"] == _tokens(export)["token_ids"]
+    assert on_gpu["token_ids"] == run_tokens(export)["token_ids"]

@@ -207,18 +207,25 @@ def test_graph_only_hybrid_keeps_the_recurrent_state_fp32(exported, tmp_path):
     assert recurrent and set(recurrent) == {"float32"} and set(kv) == {"float16"}
 
 
-def test_graph_only_fp8_has_qdq_on_weights_and_activations(exports, tmp_path):
+def _quantized_matmuls(out):
+    """The built graph, its initializers, each value's producer, and the MatMuls whose weight is dequantized."""
     import onnx
-    from onnx import TensorProto
 
-    out = tmp_path / "fp8"
-    build_engine(exports["tensorrt"], "l4", out, runtime="tensorrt", precision="fp8", graph_only=True,
-                 quant=QuantOptions(calibration=str(HELDOUT)))
     proto = onnx.load(str(out / "model.onnx"))
     inits = {t.name: t for t in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
     quantized = [n for n in proto.graph.node if n.op_type == "MatMul" and producer.get(n.input[1]) is not None
                  and producer[n.input[1]].op_type == "DequantizeLinear"]
+    return proto, inits, producer, quantized
+
+
+def test_graph_only_fp8_has_qdq_on_weights_and_activations(exports, tmp_path):
+    from onnx import TensorProto
+
+    out = tmp_path / "fp8"
+    build_engine(exports["tensorrt"], "l4", out, runtime="tensorrt", precision="fp8", graph_only=True,
+                 quant=QuantOptions(calibration=str(HELDOUT)))
+    proto, inits, producer, quantized = _quantized_matmuls(out)
     assert len(quantized) == 14  # the LM head stays fp16 by default
     for node in quantized:
         assert inits[producer[node.input[1]].input[0]].data_type == TensorProto.FLOAT8E4M3FN
@@ -237,17 +244,12 @@ def test_graph_only_fp8_has_qdq_on_weights_and_activations(exports, tmp_path):
 def test_graph_only_tensorrt_int8_is_w8a8(exports, tmp_path):
     """TensorRT's INT8 is weights and activations: per-channel INT8 weights (DQ axis 1, no block),
     per-tensor INT8 activation Q/DQ, the SmoothQuant scale as a Mul before each group; runs on ORT CPU."""
-    import onnx
     from onnx import TensorProto, helper
 
     out = tmp_path / "w8a8"
     engine = build_engine(exports["tensorrt"], "jetson-orin-nano-8gb", out, runtime="tensorrt", precision="int8",
                           graph_only=True, quant=QuantOptions(calibration=str(HELDOUT)))
-    proto = onnx.load(str(out / "model.onnx"))
-    inits = {t.name: t for t in proto.graph.initializer}
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    quantized = [n for n in proto.graph.node if n.op_type == "MatMul" and producer.get(n.input[1]) is not None
-                 and producer[n.input[1]].op_type == "DequantizeLinear"]
+    proto, inits, producer, quantized = _quantized_matmuls(out)
     assert len(quantized) == 14  # the LM head stays fp16 by default
     for node in quantized:
         weight_dq = producer[node.input[1]]

@@ -15,34 +15,16 @@ import pytest
 
 from edgekit.generate import generate
 from edgekit.runtimes.registry import open_engine
-from edgekit.speculative import Proposal, generate_speculative
+from edgekit.speculative import generate_speculative
 from edgekit.speculative.draft import DraftProposer
 from edgekit.speculative.ngram import NgramProposer
 from tests.runtimes.test_tensorrt_session import open_plan
+from tests.speculative.proposers import WrongEveryThird
 
 PROMPT = [3, 17, 42, 7, 99, 100, 5, 64, 12, 8, 250, 31, 77]
 NEW = 24
 GRAPHS = [(arch, target) for arch in ("Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen3_5ForCausalLM")
           for target in ("ort", "portable")]
-
-
-class OracleProposer:
-    """Proposes the true greedy continuation with every third token wrong: rounds keep 0..k tokens."""
-
-    def __init__(self, reference, prompt_len):
-        self.reference, self.prompt_len, self.calls = reference, prompt_len, 0
-
-    def propose(self, context, k):
-        self.calls += 1
-        start = len(context) - self.prompt_len
-        tokens = list(self.reference[start:start + k])
-        if tokens and self.calls % 3 != 0:  # two rounds in three: one wrong token somewhere
-            i = self.calls % len(tokens)
-            tokens[i] = (tokens[i] + 1) % 2048
-        return Proposal(tokens)
-
-    def observe(self, context, first, hidden):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +43,7 @@ def plain(exported):
 @pytest.mark.parametrize("arch,target", GRAPHS)
 def test_oracle_rounds_keep_every_prefix_length_and_match_plain(plain, arch, target):
     session, reference = plain(arch, target)
-    result = generate_speculative(session, PROMPT, NEW, OracleProposer(reference, len(PROMPT)), 4)
+    result = generate_speculative(session, PROMPT, NEW, WrongEveryThird(reference, len(PROMPT)), 4)
     assert result.token_ids == reference
     assert 0 < result.accepted < result.proposed  # both partial acceptance and rejection happened
     assert result.rounds < NEW - 1
@@ -94,7 +76,7 @@ def test_tensorrt_session_rollback_matches_plain(exported, arch):
         "batch": ShapeRange(1, 1, 1), "prompt": ShapeRange(1, 8, 16), "context": ShapeRange(1, 48, 64)})
     session, _ = open_plan(exported(arch, "portable"), profile)
     reference = generate(session, PROMPT, NEW).token_ids
-    result = generate_speculative(session, PROMPT, NEW, OracleProposer(reference, len(PROMPT)), 4)
+    result = generate_speculative(session, PROMPT, NEW, WrongEveryThird(reference, len(PROMPT)), 4)
     assert result.token_ids == reference and 0 < result.accepted < result.proposed
 
 

@@ -10,6 +10,7 @@ from edgekit.generate import Sampling, generate
 from edgekit.speculative import Proposal, generate_speculative
 from edgekit.speculative.ngram import NgramProposer
 from edgekit.speculative.verify import accept_greedy, accept_sampled
+from tests.speculative.proposers import WrongEveryThird
 
 VOCAB = 4
 
@@ -145,32 +146,13 @@ def test_sampled_generation_follows_the_target(session_kind):
     assert ((counts - expected) ** 2 / np.maximum(expected, 1e-9)).sum() < 37.7  # 15 dof, p = 0.001
 
 
-class WrongEveryThird:
-    """Proposes the true greedy continuation with one wrong token in two rounds of three."""
-
-    def __init__(self, reference, prompt_len):
-        self.reference, self.prompt_len, self.calls = reference, prompt_len, 0
-
-    def propose(self, context, k):
-        self.calls += 1
-        start = len(context) - self.prompt_len
-        tokens = list(self.reference[start:start + k])
-        if tokens and self.calls % 3:
-            i = self.calls % len(tokens)
-            tokens[i] = (tokens[i] + 1) % VOCAB
-        return Proposal(tokens)
-
-    def observe(self, context, first, hidden):
-        pass
-
-
 @pytest.mark.parametrize("session_kind", [MarkovSession, InPlaceMarkovSession])
 def test_greedy_generation_after_partial_rejections_is_plain_greedy(session_kind):
     """Every prefix length is kept somewhere; logits depend on every cached token, so a rollback that
     kept a rejected token, or lost a kept one, changes the tokens after it."""
     prompt, new = [0, 3, 1], 20
     reference = generate(session_kind(chain(5), 2.0), prompt, new).token_ids
-    result = generate_speculative(session_kind(chain(5), 2.0), prompt, new, WrongEveryThird(reference, 3), 3)
+    result = generate_speculative(session_kind(chain(5), 2.0), prompt, new, WrongEveryThird(reference, 3, VOCAB), 3)
     assert result.token_ids == reference
     assert 0 < result.accepted < result.proposed
 
