@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 # The MTP graph's I/O names and folder live with the proposer, which run and serve import without torch.
-from edgekit.speculative.base import HIDDEN_INPUT, HIDDEN_OUTPUT, MTP_FOLDER
+from edgekit.types import HIDDEN_INPUT, HIDDEN_OUTPUT, MTP_FOLDER
 
 MTP_PREFIX = "mtp."
 

@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import ArtifactError, EdgekitError, InternalError, RuntimeUnavailableError, require
-from edgekit.types import ExportedGraph, StateIO, state_io
+from edgekit.types import HIDDEN_OUTPUT, ExportedGraph, StateIO, state_io
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 KEEP_INPUT = "logits_to_keep"  # builds: how many last positions get logits, 0 = all
-HIDDEN_OUTPUT = "hidden_states"  # exports for MTP: the final norm's output, (batch, seq, hidden)
 
 
 def weights_fit(model: Path, available: int | None = None) -> bool:

@@ -16,11 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
-# The MTP contract, shared by its export (edgekit.export.mtp) and its proposer (edgekit.speculative.mtp);
-# here because this module imports no torch.
-MTP_FOLDER = "mtp"  # inside the target's export folder, so builds and bundles that copy the folder carry it
-HIDDEN_OUTPUT = "hidden_states"  # the target's final-norm output (also the MTP graph's output)
-HIDDEN_INPUT = "target_hidden_states"  # the MTP graph's input of the target's hidden rows
+# The MTP contract lives in edgekit.types (the export and the proposer both read it); re-exported here.
+from edgekit.types import HIDDEN_INPUT, HIDDEN_OUTPUT, MTP_FOLDER  # noqa: F401
 
 
 @dataclass
