@@ -112,12 +112,6 @@ def quantize_weight_only(proto, settings: WeightOnlySettings, stats: dict | None
     return report
 
 
-def embedding_gather(proto):
-    """The Gather reading a 2-D float table at ``input_ids``: the token embedding (None if absent)."""
-    index = _embedding_index(proto)
-    return None if index is None else proto.graph.node[index]
-
-
 def _embedding_index(proto) -> int | None:
     from onnx import TensorProto
 

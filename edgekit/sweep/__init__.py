@@ -50,6 +50,7 @@ def run_sweep(export: str | Path, cells: Sequence[Cell], out: str | Path, bench:
     export, out = Path(export), Path(out)
     graph = _check_export(export)
     keys, profiles, tomls = _keys(export, cells, bench, quality_text)  # bad profiles or text fail before OUT exists
+    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     marker = _mark(out)
     results, jobs = _done_and_todo(export, cells, keys, out, {"profile_toml": tomls, "marker": marker,
@@ -167,6 +168,14 @@ def _check_export(export: Path) -> ExportedGraph:
     if graph.kind == "build":
         raise ArtifactError(f"{export} is a build, not an export", "pass the export folder it was built from")
     return graph
+
+
+def _check_out(out: Path) -> None:
+    """OUT is new, empty, or a sweep's own folder (its marker): a sweep writes cells/ and sweep.json
+    there, so any other folder is refused rather than written into."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise EdgekitError(f"-o {out} exists and is not an edgekit sweep folder",
+                           "pass a new or empty folder (a sweep's own folder resumes it)")
 
 
 def _mark(out: Path) -> str:

@@ -152,3 +152,16 @@ def test_cli_bad_cells_and_profiles_fail_before_writing(sweep_export, tmp_path):
     unknown = _edgekit("sweep", str(sweep_export), "-o", str(tmp_path / "o"), "--local", "--profiles", "l5")
     assert unknown.returncode == 1 and "error:" in unknown.stderr and "l5" in unknown.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_an_out_folder_that_is_not_a_sweep(sweep_export, tmp_path):
+    """A sweep writes cells/ and sweep.json into OUT: a folder of someone else's is left as it was."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "sweep.json").write_text("not edgekit's")
+    result = _edgekit("sweep", str(sweep_export), "-o", str(mine), "--local", "--profiles", host_profile(),
+                      "--precisions", "fp32", "--quant", "none")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: -o {mine} exists and is not an edgekit sweep folder" in " ".join(result.stderr.split())
+    assert "hint: pass a new or empty folder" in result.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["sweep.json"] and (mine / "sweep.json").read_text() == "not edgekit's"
