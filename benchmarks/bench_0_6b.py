@@ -51,6 +51,12 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def make_model(folder: Path) -> None:
     """A Qwen3-0.6B-shaped Hugging Face folder with seeded random weights."""
+    save_random_model(folder, "Qwen3Config", "Qwen3ForCausalLM", CONFIG)
+
+
+def save_random_model(folder: Path, config_class: str, architecture: str, config: dict) -> None:
+    """transformers' ``architecture`` with seeded random weights, saved in bf16 with the preset tokenizer
+    (prompts are token ids fed directly: the tokenizer only makes the folder loadable); kept if there."""
     if (folder / "config.json").is_file():
         return
     import torch
@@ -58,10 +64,10 @@ def make_model(folder: Path) -> None:
 
     from edgekit.export.presets import TOKENIZER_DIR
 
-    print(f"# saving a random 0.6B Qwen3 to {folder}", flush=True)
+    print(f"# saving a random {architecture} to {folder}", flush=True)
     torch.manual_seed(0)
-    config = transformers.Qwen3Config(**CONFIG, architectures=["Qwen3ForCausalLM"])
-    transformers.Qwen3ForCausalLM(config).eval().to(torch.bfloat16).save_pretrained(folder)
+    made = getattr(transformers, config_class)(**config, architectures=[architecture])
+    getattr(transformers, architecture)(made).eval().to(torch.bfloat16).save_pretrained(folder)
     for item in TOKENIZER_DIR.iterdir():
         shutil.copy(item, folder / item.name)
 

@@ -52,7 +52,8 @@ class QualityReport:
 
 def measure_quality(path: str | Path, reference: str, text_file: str | Path, max_tokens: int | None = 1024,
                     window: int = WINDOW,
-                    on_progress: Callable[[str, int, int], None] | None = None) -> QualityReport:
+                    on_progress: Callable[[str, int, int], None] | None = None,
+                    second_half: bool = False) -> QualityReport:
     """Teacher-force the first ``max_tokens`` tokens of ``text_file`` (None: the whole text) through
     the engine at ``path`` and through ``reference`` (folder, preset or hub id) in fp32 PyTorch, and compare.
 
@@ -66,27 +67,39 @@ def measure_quality(path: str | Path, reference: str, text_file: str | Path, max
     ids = text_token_ids(graph, text_file, max_tokens)
     progress("loading the engine and the reference", 0, 0)
     engine, ref = open_engine(path), TorchSession(load_reference(reference))
-    return score_sessions(engine, ref, ids, min(window, graph.model.max_position_embeddings), str(text_file), progress)
+    return score_sessions(engine, ref, ids, min(window, graph.model.max_position_embeddings), str(text_file), progress,
+                          second_half=second_half)
 
 
 def score_sessions(engine: Any, reference: Any, ids: list[int], window: int, text_file: str = "",
-                   on_progress: Callable[[str, int, int], None] | None = None) -> QualityReport:
+                   on_progress: Callable[[str, int, int], None] | None = None,
+                   second_half: bool = False) -> QualityReport:
     """Compare two teacher-forced sessions on ``ids``, in consecutive windows of ``window`` tokens.
 
     ``engine`` and ``reference`` are anything with ``reset(capacity)`` and ``forward(ids) -> (S, vocab)``
     logits: an engine's session, a PyTorch reference, or an ONNX Runtime session on another graph
     (a GPU precision's graph scored against the fp32 export on CPU).
+
+    ``second_half``: llama.cpp's ``llama-perplexity`` scheme instead, for figures comparable with
+    its own: whole windows only, each scoring the predictions of its second half (every scored
+    token then has at least ``window / 2`` tokens of context).
     """
     progress = on_progress or (lambda what, done, total: None)
     windows = _windows(ids, window)
+    if second_half:
+        windows = [w for w in windows if len(w) == window]
+        if not windows:
+            raise EdgekitError(f"the text has {len(ids)} tokens, under one {window}-token window",
+                               "pass a longer text or a smaller window")
+    first = window // 2 if second_half else 0
     sums = np.zeros(4)  # engine NLL, reference NLL, top-1 agreements, KL; summed over predicted tokens
     count = 0
     for done, chunk in enumerate(windows, 1):
         engine.reset(len(chunk))
         reference.reset(len(chunk))
-        got = _log_softmax(engine.forward(chunk)[:-1])  # (W - 1, vocab): predictions of chunk[1:]
-        want = _log_softmax(reference.forward(chunk)[:-1])
-        targets = np.asarray(chunk[1:])
+        got = _log_softmax(engine.forward(chunk)[first:-1])  # (W - 1 - first, vocab): predictions of chunk[first + 1:]
+        want = _log_softmax(reference.forward(chunk)[first:-1])
+        targets = np.asarray(chunk[first + 1:])
         rows = np.arange(len(targets))
         sums += [-got[rows, targets].sum(), -want[rows, targets].sum(),
                  (got.argmax(-1) == want.argmax(-1)).sum(), (np.exp(want) * (want - got)).sum()]

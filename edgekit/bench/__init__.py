@@ -44,8 +44,9 @@ def run_bench(
     """Benchmark the export or build at ``path`` against ``compare`` (specs such as ``"torch"``,
     ``"genai:int4=/venv/bin/python"``, or ready :class:`Contender` objects).
 
-    ``profile`` (default: the one fitting this machine) gives the memory bandwidth for the
-    roofline, unless ``measure_bandwidth``; it also picks the engine out of a ``.edgepkg``.
+    The roofline takes this machine's measured streaming-read bandwidth (probed once and cached;
+    ``measure_bandwidth`` probes again), with ``profile``'s datasheet figure beside it (default:
+    the profile fitting this machine; it also picks the engine out of a ``.edgepkg``).
     """
     from edgekit.doctor import detect, fitting_profile
 
@@ -58,14 +59,19 @@ def run_bench(
     contenders = [EdgekitContender(folder, threads)]
     contenders += [make_contender(c, graph, threads) if isinstance(c, str) else c for c in compare]
     _check_names(contenders)
-    bandwidth, source = _bandwidth(profile, measure_bandwidth)  # before the runs: a bad --profile fails fast
+    bandwidth = _bandwidth(profile, measure_bandwidth, threads, contenders[0])  # before the runs: a bad --profile fails fast
+    load_before = _load_average()
     measured = measure(contenders, make_prompts(graph.model.vocab_size, lengths), new_tokens, runs, warmup,
                        on_progress or (lambda *_: None))
+    load_after = _load_average()
+    for contender, record in zip(contenders, measured):
+        record.decode_bytes = _decode_bytes(contender)
     settings = {"path": str(path), "model": graph.model.source, "target": graph.target, "dtype": graph.dtype,
                 "prompt_lengths": lengths, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
-                "threads": threads, "profile": profile, "bandwidth_gbs": bandwidth, "bandwidth_source": source}
+                "threads": threads, "profile": profile, **bandwidth,
+                "load_average_before": load_before, "load_average_after": load_after}
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return BenchReport(_machine(machine, fitting), settings, summarize(measured, lengths, bandwidth), created)
+    return BenchReport(_machine(machine, fitting), settings, summarize(measured, lengths, bandwidth["bandwidth_gbs"]), created)
 
 
 def open_path(path: str | Path, profile: str | None) -> Path:
@@ -165,18 +171,49 @@ def _check_names(contenders: list[Contender]) -> None:
         raise ConfigError(f"contender {twice[0]!r} is named twice", "list each contender once in --compare")
 
 
-def _bandwidth(profile: str | None, measure_it: bool) -> tuple[float | None, str | None]:
-    """(GB/s, where it came from) for the roofline."""
-    from edgekit.bench.metrics import measure_bandwidth_gbs
+def _bandwidth(profile: str | None, measure_it: bool, threads: int | None, first: Contender) -> dict[str, Any]:
+    """The roofline's bandwidth, for the report's settings: this machine's streaming-read GB/s
+    (:func:`~edgekit.bench.metrics.machine_bandwidth`, cached; probed again with ``measure_it``),
+    its copy GB/s and the profile's datasheet figure beside it. An engine on a GPU keeps the
+    datasheet figure: the probe reads host memory, not the device's."""
+    from edgekit.bench.metrics import machine_bandwidth
 
-    if measure_it:
-        return measure_bandwidth_gbs(), "measured: numpy copy, read + write, all threads"
-    if profile is None:
-        return None, None
-    from edgekit.profiles import load_profile
+    datasheet, name = None, None
+    if profile is not None:  # loaded first: a bad --profile fails before the probe
+        from edgekit.profiles import load_profile
 
-    loaded = load_profile(profile)
-    return loaded.hardware.get("memory_bandwidth_gbs"), f"profile {loaded.name}"
+        loaded = load_profile(profile)
+        datasheet, name = loaded.hardware.get("memory_bandwidth_gbs"), loaded.name
+    settings = {"bandwidth_gbs": datasheet, "bandwidth_source": f"profile {name} datasheet" if datasheet else None,
+                "datasheet_gbs": datasheet, "copy_gbs": None, "bandwidth_measured_at": None,
+                "bandwidth_load_average": None}
+    if isinstance(first, EdgekitContender) and first.tracker.device:
+        return settings
+    probe = machine_bandwidth(threads, refresh=measure_it)
+    cached = ", cached" if probe["cached"] else ""
+    return {**settings, "bandwidth_gbs": probe["read_gbs"], "bandwidth_source": f"measured: {probe['method']}{cached}",
+            "copy_gbs": probe["copy_gbs"], "bandwidth_measured_at": probe["measured_at"],
+            "bandwidth_load_average": probe.get("load_average")}
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: a benchmark beside other work on a few cores measures the other work."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _decode_bytes(contender: Contender) -> int | None:
+    """Weight bytes one decode step reads, from the ONNX graph of an edgekit contender; None for
+    peers (the report then takes their file bytes)."""
+    from edgekit.bench.metrics import decode_bytes
+
+    if not isinstance(contender, EdgekitContender):
+        return None
+    return decode_bytes(contender.engine.graph.model_path)
 
 
 def _machine(machine: Any, fitting: str | None) -> dict[str, Any]:

@@ -299,9 +299,13 @@ def make_contender(spec: str, graph: ExportedGraph, threads: int | None) -> Cont
             raise ConfigError(f"--compare {spec!r}: another edgekit folder takes a label and a path",
                               "e.g. --compare edgekit:int4=/path/to/int4-build")
         return EdgekitContender(python, threads, name=label)
+    if kind == "llamacpp":  # llama.cpp's own binaries: BIN_DIR, not a python
+        from edgekit.bench.llamacpp import make_llamacpp
+
+        return make_llamacpp(spec, label, variant, python, graph, threads)
     if kind not in KINDS:
-        raise ConfigError(f"--compare {kind!r} is not a contender.{did_you_mean(kind, list(KINDS))}",
-                          f"contenders: {', '.join(KINDS)}; e.g. --compare torch,genai:int4=/path/to/python")
+        raise ConfigError(f"--compare {kind!r} is not a contender.{did_you_mean(kind, [*KINDS, 'llamacpp'])}",
+                          f"contenders: {', '.join(KINDS)}, llamacpp; e.g. --compare torch,genai:int4=/path/to/python")
     if variant and (kind != "genai" or variant not in GENAI_VARIANTS):
         raise ConfigError(f"--compare {label!r}: only genai takes a variant ({', '.join(GENAI_VARIANTS)})",
                           "e.g. --compare genai:int4")

@@ -17,7 +17,7 @@ FAILED_COLOR = "#b03030"
 PLOT_SOFTWARE = "edgekit bench"  # the PNG's Software text: how a later bench knows the plot is its own
 CONTENDER_KEYS = ("name", "detail", "error", "load_ms", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s",
                   "tpot_ms", "e2e_ms", "tokens_generated", "tokens_match_first", "peak_rss_mb", "peak_device_mb",
-                  "engine_bytes", "roofline_fraction", "ratio_vs_first", "speculative")
+                  "engine_bytes", "decode_bytes", "roofline_fraction", "ratio_vs_first", "speculative")
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Measured:
     runs: dict[int, list[RunTiming]] = field(default_factory=dict)
     memory: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None
+    decode_bytes: int | None = None  # weights one decode step reads (metrics.decode_bytes); None: unknown
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,11 @@ def summarize(measured: list[Measured], lengths: list[int], bandwidth_gbs: float
 
 def _summary(m: Measured, lengths: list[int], bandwidth_gbs: float | None) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(CONTENDER_KEYS)
-    row.update(name=m.name, error=m.error)
+    row.update(name=m.name, error=m.error, decode_bytes=m.decode_bytes)
     if m.loaded is not None:
-        row.update(detail=m.loaded.detail, load_ms=m.loaded.load_ms, engine_bytes=m.loaded.engine_bytes)
+        # A peer's graph is not read: its files' bytes stand for what a step reads (an upper bound).
+        row.update(detail=m.loaded.detail, load_ms=m.loaded.load_ms, engine_bytes=m.loaded.engine_bytes,
+                   decode_bytes=m.decode_bytes or m.loaded.engine_bytes)
     if m.error is not None:
         return row
     decode = m.runs[lengths[0]]
@@ -84,7 +87,7 @@ def _summary(m: Measured, lengths: list[int], bandwidth_gbs: float | None) -> di
     )
     row["speculative"] = _speculation(decode)
     median_rate = row["decode_tokens_per_s"]["median"]
-    row["roofline_fraction"] = roofline_fraction(row["engine_bytes"], bandwidth_gbs,
+    row["roofline_fraction"] = roofline_fraction(row["decode_bytes"], bandwidth_gbs,
                                                  1000 / median_rate if median_rate else None)
     return row
 
@@ -120,7 +123,7 @@ def table_rows(report: BenchReport) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the summary table; a failed contender's row holds its error."""
     lengths = [str(n) for n in report.settings["prompt_lengths"]]
     headers = ["contender", "load s", *[f"TTFT@{n} ms" for n in lengths], "decode tok/s (min–max)",
-               "TPOT p50/p90/p99 ms", "peak RSS MB", "engine MB", "roofline", "× decode", f"× TTFT@{lengths[-1]}"]
+               "TPOT p50/p90/p99 ms", "peak RSS MB", "engine MB", "read/token MB", "roofline", "× decode", f"× TTFT@{lengths[-1]}"]
     rows = []
     for row in report.contenders:
         cells = [f"failed: {row['error']}"] + [""] * (len(headers) - 2) if row["error"] else _cells(row, lengths)
@@ -171,9 +174,32 @@ def to_markdown(report: BenchReport) -> str:
 
 def _title(report: BenchReport) -> str:
     s, m = report.settings, report.machine
-    bandwidth = f"{s['bandwidth_gbs']:.1f} GB/s ({s['bandwidth_source']})" if s["bandwidth_gbs"] else "unknown"
+    bandwidth = _bandwidth_text(s)
     return (f"{s['model']} · prompt {s['prompt_lengths'][0]} → {s['new_tokens']} tokens · median of {s['runs']} "
-            f"· threads {s['threads'] or 'default'} · {m['cpu_model']} ({m['cores']} cores) · bandwidth {bandwidth}")
+            f"· threads {s['threads'] or 'default'} · {m['cpu_model']} ({m['cores']} cores) · bandwidth {bandwidth}"
+            f"{_load_text(s, m['cores'])}")
+
+
+def _load_text(s: dict[str, Any], cores: int | None) -> str:
+    """The load average before and after the runs; flagged when other processes had the cores
+    before they started (after, it counts the bench's own threads too)."""
+    loads = [s.get("load_average_before"), s.get("load_average_after")]
+    if None in loads:
+        return ""
+    busy = cores and loads[0] > 0.75 * cores
+    return f" · load {loads[0]:.2f}→{loads[1]:.2f}" + (" (BUSY: not a measurement)" if busy else "")
+
+
+def _bandwidth_text(s: dict[str, Any]) -> str:
+    """"12.3 GB/s read (measured; copy 9.9, datasheet 51.2)": the roofline's figure and those beside it."""
+    if not s.get("bandwidth_gbs"):
+        return "unknown"
+    source = s.get("bandwidth_source") or ""
+    if not source.startswith("measured"):
+        return f"{s['bandwidth_gbs']:.1f} GB/s ({source})"
+    beside = [f"copy {s['copy_gbs']:.1f}"] if s.get("copy_gbs") else []
+    beside += [f"datasheet {s['datasheet_gbs']:.1f}"] if s.get("datasheet_gbs") else []
+    return f"{s['bandwidth_gbs']:.1f} GB/s read (measured{'; ' + ', '.join(beside) if beside else ''})"
 
 
 def _cells(row: dict[str, Any], lengths: list[str]) -> list[str]:
@@ -185,6 +211,7 @@ def _cells(row: dict[str, Any], lengths: list[str]) -> list[str]:
         "/".join(_num(tpot[p], 1, ".1f") for p in ("p50", "p90", "p99")),
         _num(row["peak_rss_mb"], 1, ".0f"),
         _num(row["engine_bytes"], 1e6, ".1f"),
+        _num(row.get("decode_bytes"), 1e6, ".1f"),
         "–" if row["roofline_fraction"] is None else f"{row['roofline_fraction']:.0%}",
         _num(ratio["decode"], 1, ".2f"),
         _num(ratio["ttft"][lengths[-1]], 1, ".2f"),

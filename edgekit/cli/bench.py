@@ -14,17 +14,17 @@ from edgekit.errors import ConfigError
 
 def bench(
     path: Path = typer.Argument(..., help="An export or build folder, or an .edgepkg bundle."),
-    profile: str = typer.Option(None, "--profile", help="Profile for the bandwidth roofline and bundles (default: the one fitting this machine)."),
+    profile: str = typer.Option(None, "--profile", help="Profile whose datasheet bandwidth is reported beside the measured one, and whose engine a bundle opens (default: the one fitting this machine)."),
     prompt_lengths: str = typer.Option("128,512", "--prompt-lengths", help="Prompt lengths, comma separated; decode is measured after the first."),
     new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens generated after the first prompt length."),
     runs: int = typer.Option(5, "--runs", help="Measured rounds (medians and percentiles over these)."),
     warmup: int = typer.Option(1, "--warmup", help="Rounds run first and not counted."),
-    compare: str = typer.Option("", "--compare", help="Contenders besides edgekit: torch, optimum, genai[:int4]; NAME=PYTHON runs one under that interpreter."),
+    compare: str = typer.Option("", "--compare", help="Contenders besides edgekit: torch, optimum, genai[:int4]; NAME=PYTHON runs one under that interpreter; llamacpp[:Q4_0|Q8_0|f16|f32]=BIN_DIR runs llama.cpp's llama-server."),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads for every contender (default: each runtime's own)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     output: Path = typer.Option(None, "--output", "-o", metavar="FILE", help="Write the JSON report to FILE."),
     plot: Path = typer.Option(None, "--plot", metavar="FILE", help="Write a PNG plot (needs matplotlib: the plot extra)."),
-    measure_bandwidth: bool = typer.Option(False, "--measure-bandwidth", help="Measure memory bandwidth (numpy copy) instead of taking the profile's."),
+    measure_bandwidth: bool = typer.Option(False, "--measure-bandwidth", help="Measure this machine's memory bandwidth again (streaming read, all threads) and refresh the cached figure the roofline uses."),
 ) -> None:
     """Time edgekit and its peers on one model: load, first token, prefill, decode, memory, roofline."""
     from edgekit.bench import render_table, run_bench, write_plot

@@ -57,6 +57,7 @@ class BuildPlan:
     quant_lm_head: bool | None = None
     calibration: str | None = None
     quant_embeddings: bool | None = None
+    quant_lm_head_bits: int | None = None  # int4: 8 keeps the LM head (and a tied embedding) in 8 bits
     # The batch / prompt / context ranges built for: the profile's, capped at the model's positions.
     shapes: dict[str, list[int]] | None = None
     notes: list[str] = field(default_factory=list)  # what the plan changed or assumed, for people to read
@@ -100,6 +101,7 @@ def make_plan(graph: ExportedGraph, profile: Profile, runtime: str | None = None
         quant_accuracy_level=quantize.accuracy_level,
         quant_lm_head=quantize.lm_head if quantize.quantization != "none" else None, calibration=quantize.calibration,
         quant_embeddings=quantize.embeddings if quantize.quantization == "int4" else None,
+        quant_lm_head_bits=quantize.lm_head_bits if quantize.quantization == "int4" and quantize.lm_head else None,
         shapes={k: [v.min, v.opt, v.max] for k, v in profile.shapes.items()}, notes=notes,
         graph=recipe.to_dict() if recipe else None,
     )
@@ -134,6 +136,7 @@ class QuantOptions:
     # int4: the embedding table too; most of a 0.6B model's bytes are its vocabulary.
     # None: yes on CPU profiles, no on GPU ones (TensorRT gathers from a half-precision table).
     embeddings: bool | None = None
+    lm_head_bits: int | None = None  # CPU int4: 4 (default) or 8 for the LM head and a tied embedding
 
 
 def _quantization(graph: ExportedGraph, profile: Profile, runtime: Any, precision: str | None,
@@ -178,7 +181,13 @@ def _quantization(graph: ExportedGraph, profile: Profile, runtime: Any, precisio
     block = asked.block_size or profile.defaults.get("quant_block_size", DEFAULT_BLOCK_SIZE)
     if block < 16 or block & (block - 1):
         raise ConfigError(f"--block-size {block} must be a power of two >= 16", "e.g. --block-size 32 (or 128: smaller files)")
-    return QuantSettings("int4", method=method, block_size=block,
+    head_bits = asked.lm_head_bits or 4
+    if head_bits not in (4, 8):
+        raise ConfigError(f"--lm-head-bits {head_bits} is not 4 or 8", "use --lm-head-bits 8 (closer to fp32) or 4")
+    if head_bits == 8 and (method == "gptq" or not lm_head):
+        raise BuildRefused("--lm-head-bits 8 needs --quant-method rtn and a quantized LM head",
+                           "drop --lm-head-bits, or use --quant-method rtn without --no-quant-lm-head")
+    return QuantSettings("int4", method=method, block_size=block, lm_head_bits=head_bits,
                          accuracy_level=profile.defaults.get("quant_accuracy_level", DEFAULT_ACCURACY_LEVEL),
                          lm_head=lm_head, calibration=str(asked.calibration) if asked.calibration else None,
                          embeddings=asked.embeddings is not False)

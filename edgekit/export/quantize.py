@@ -6,9 +6,10 @@ quantized tensor is computed only when the writer reaches it:
     MatMul(x, W)       ─int4/int8→ com.microsoft.MatMulNBits(x, W_q, scales, zero_points)
     Gather(E, ids)     ─int4─────→ com.microsoft.GatherBlockQuantized(E_q, ids, scales, zero_points)
 
-The arithmetic is ONNX Runtime's own (``quantize_matmul_4bits`` / ``_8bits``, the kernels
-behind its MatMulNBitsQuantizer, asymmetric round-to-nearest per block; its numpy Gather
-quantizer), so the result matches ``edgekit build --quant int4`` with RTN. A transposed
+The arithmetic is the build's: int4 MatMuls take :mod:`edgekit.quantize.clip` (asymmetric
+round-to-nearest per block over a clip-searched range), int8 ONNX Runtime's ``quantize_matmul_8bits``,
+the embedding ORT's numpy Gather quantizer, so the result matches ``edgekit build --quant int4``
+with RTN (except that the build's tied embedding reads the LM head's table). A transposed
 weight (every Linear) is quantized by slices of its rows, so even a 1.3 G-parameter LM head
 never exists in fp32 at once.
 """
@@ -125,8 +126,10 @@ def _matmul_weights(graph: Any, weight: Any, bits: int, block: int) -> list[Any]
 
 
 def _quantize_matmul(tensor: Any, bits: int, block: int) -> tuple[np.ndarray, ...]:
-    """ORT's blockwise RTN over column slices of the (K, N) weight -> (packed, scales, zero points)."""
+    """Blockwise RTN over column slices of the (K, N) weight -> (packed, scales, zero points)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    from edgekit.quantize.clip import quantize_int4
 
     quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     k, n = tensor.shape
@@ -139,6 +142,9 @@ def _quantize_matmul(tensor: Any, bits: int, block: int) -> tuple[np.ndarray, ..
     for start in range(0, n, step):
         stop = min(n, start + step)
         columns = columns_of(start, stop).astype(np.float32)  # (K, cols)
+        if bits == 4:  # the build's int4 RTN: clipped ranges (edgekit.quantize.clip)
+            packed[start:stop], scales[start:stop], zero_points[start:stop] = quantize_int4(columns, block)
+            continue
         if blocks * block != k:
             columns = np.pad(columns, ((0, blocks * block - k), (0, 0)))
         columns = np.ascontiguousarray(columns)

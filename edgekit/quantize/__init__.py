@@ -6,7 +6,8 @@
 Only MatMuls whose weight is an initializer are quantized; embeddings (Gather) stay fp32 unless
 ``embeddings`` (int4 RTN: com.microsoft.GatherBlockQuantized, blocks along the hidden axis).
 ``lm_head`` is the last MatMul of the graph (the one producing ``logits``); with tied
-embeddings it is the constant-folded transpose of the embedding table.
+embeddings it is the constant-folded transpose of the embedding table, and when both are int4
+the Gather reads the LM head's quantized table (:mod:`edgekit.quantize.tied`): one copy.
 GPTQ runs the model on calibration windows (text tokenized with the export's tokenizer),
 each with an empty cache, to collect every MatMul's inputs.
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 from edgekit._files import model_bytes, model_files
 from edgekit.errors import EdgekitError, require
+from edgekit.quantize.tied import same_table, share_table
 from edgekit.types import ExportedGraph, state_io
 
 
@@ -53,6 +55,7 @@ class QuantSettings:
     lm_head: bool = True
     calibration: str | None = None
     embeddings: bool = False  # int4 rtn: the embedding Gather too (GatherBlockQuantized)
+    lm_head_bits: int = 4  # int4 rtn: 8 quantizes the LM head (and the tied embedding it shares) to 8 bits
 
 
 def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
@@ -74,8 +77,9 @@ def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
     with contextlib.redirect_stdout(sys.stderr):
         if settings.quantization == "int4":
             with np.errstate(divide="ignore", invalid="ignore"):  # ORT's Gather quantizer divides by all-zero rows' scale 0
-                proto = _int4(graph, proto, settings, exclude, progress)
+                proto, shared = _int4(graph, proto, settings, exclude, progress)
         else:
+            shared = False
             progress("int8: quantizing MatMuls", 0, 1)
             proto = _int8(model, exclude)
             progress("int8: quantizing MatMuls", 1, 1)
@@ -87,7 +91,7 @@ def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
     return {"fp32_model_bytes": before, "model_bytes": model_bytes(model),
             "quantized_matmuls": sum(n.op_type in ("MatMulNBits", "MatMulInteger") for n in proto.graph.node),
             "quantized_gathers": sum(n.op_type == "GatherBlockQuantized" for n in proto.graph.node),
-            "lm_head_node": lm_head}
+            "lm_head_node": lm_head, "tied_table_shared": shared}
 
 
 def _lm_head(proto) -> str | None:
@@ -117,13 +121,55 @@ def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[st
         algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False,
                                                   accuracy_level=settings.accuracy_level)
     what = "int4 GPTQ: calibrating and quantizing" if settings.method == "gptq" else "int4: quantizing weights"
+    gather, head = _embedding(graph, proto), _lm_head(proto)
+    tied = settings.embeddings and head not in exclude and same_table(proto, gather, head)
+    head_output = next((n.output[0] for n in proto.graph.node if n.name == head), None)
+    weights = _matmul_weights(proto, exclude) if settings.method != "gptq" else {}
+    if settings.lm_head_bits == 8 and head is not None and head not in exclude:
+        # the LM head alone first, in 8 bits; the int4 pass then finds a MatMulNBits there, not a MatMul
+        others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head]
+        eight = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=8,
+                                                   accuracy_level=settings.accuracy_level)
+        proto = _nbits(nbits, proto, settings, others, eight, progress, "int8: quantizing the LM head")
     proto = _nbits(nbits, proto, settings, exclude, algo, progress, what)
+    if weights:  # ORT's RTN laid the nodes out; the clip-searched numbers replace its plain ones
+        _search_ranges(proto, weights, progress)
+    if tied and share_table(proto, gather, head_output):  # one int4 table for the Gather and the LM head
+        return proto, True
     if settings.embeddings:  # a second, RTN pass: ORT quantizes Gather in its default quantizer only
-        others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name != _embedding(graph, proto)]
+        others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name != gather]
         algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, op_types_to_quantize=("Gather",),
                                                   quant_axes=(("Gather", 1),))
         proto = _nbits(nbits, proto, settings, others, algo, progress, "int4: quantizing the embedding")
-    return proto
+    return proto, False
+
+
+def _matmul_weights(proto, exclude: list[str]) -> dict[str, Any]:
+    """{MatMul output name: its fp32 (K, N) weight TensorProto} for the MatMuls to be quantized."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    return {n.output[0]: inits[n.input[1]] for n in proto.graph.node
+            if n.op_type == "MatMul" and n.name not in exclude and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2}
+
+
+def _search_ranges(proto, weights: dict[str, Any], progress: Progress) -> None:
+    """Overwrite each int4 MatMulNBits' levels, scales and zero points with :func:`clip.quantize_int4`'s."""
+    from onnx import helper, numpy_helper
+
+    from edgekit.quantize.clip import quantize_int4
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.output[0] in weights and len(n.input) > 3
+             and all(a.i == 4 for a in n.attribute if a.name == "bits")]  # an 8-bit LM head keeps ORT's RTN
+    for done, node in enumerate(nodes):
+        progress("int4: searching clip ranges", done, len(nodes))
+        block = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size")
+        parts = quantize_int4(numpy_helper.to_array(weights[node.output[0]]), block)
+        for name, array in zip(node.input[1:4], parts):
+            old = inits[name]
+            old.CopyFrom(numpy_helper.from_array(array.reshape(tuple(old.dims)).astype(
+                helper.tensor_dtype_to_np_dtype(old.data_type)), name))
+    progress("int4: searching clip ranges", len(nodes), len(nodes))
 
 
 def _nbits(nbits, proto, settings: QuantSettings, exclude: list[str], algo, progress: Progress, what: str):

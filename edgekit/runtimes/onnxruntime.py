@@ -58,6 +58,9 @@ class OrtSession:
         # Idle pool threads sleep instead of spinning: on a few shared cores a spinning thread
         # takes the core the other one needs (decode 1.4x faster at load 4; benchmarks/NOTES.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if settings.get("profile_prefix"):  # edgekit.bench.profile_step: ORT's own per-node timings
+            options.enable_profiling = True
+            options.profile_file_prefix = settings["profile_prefix"]
         on_cpu = settings["providers"][0] == "CPUExecutionProvider"
         self.memory_mapped = on_cpu and (not weights_fit(graph.model_path) if memory_map is None else memory_map)
         if self.memory_mapped:

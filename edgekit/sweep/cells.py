@@ -177,7 +177,8 @@ def _build(export: Path, profile: str, job: dict[str, Any], cell_dir: Path) -> d
 def _bench(engine: Path, profile: str, settings: dict[str, Any]) -> dict[str, Any]:
     from edgekit.bench import run_bench
 
-    # The cell's profile, not the node's best fit: its bandwidth is the roofline the engine was built for.
+    # The cell's profile, not the node's best fit: it names the engine and the datasheet bandwidth reported
+    # beside the roofline, which is the node's own measured read bandwidth (a CPU cell) or that datasheet (GPU).
     report = run_bench(engine, profile=profile, prompt_lengths=settings["prompt_lengths"], new_tokens=settings["new_tokens"],
                        runs=settings["runs"], warmup=settings["warmup"], threads=settings["threads"])
     row = report.contenders[0]

@@ -147,7 +147,9 @@ def test_report_has_every_documented_key(exported):
     data = json.loads(json.dumps(run_bench(exported(ARCH), **QUICK, compare=["optimum"]).to_dict()))
     assert {"schema_version", "edgekit_version", "created", "machine", "settings", "contenders"} <= set(data)
     assert {"cpu_model", "cores", "ram_gb", "gpus", "profile"} <= set(data["machine"])
-    assert {"prompt_lengths", "new_tokens", "runs", "warmup", "threads", "profile", "bandwidth_gbs"} <= set(data["settings"])
+    assert {"prompt_lengths", "new_tokens", "runs", "warmup", "threads", "profile", "bandwidth_gbs",
+            "load_average_before", "load_average_after"} <= set(data["settings"])
+    assert all(data["settings"][k] >= 0 for k in ("load_average_before", "load_average_after"))
     for row in data["contenders"]:
         assert set(row) == set(CONTENDER_KEYS)
     ok = data["contenders"][0]
@@ -199,3 +201,15 @@ def test_a_second_edgekit_folder_runs_beside_the_first(exported):
     rows = {c["name"]: c for c in report.contenders}
     assert rows["edgekit:again"]["error"] is None and rows["edgekit:again"]["decode_tokens_per_s"]["median"] > 0
     assert rows["edgekit:again"]["tokens_match_first"] is True  # the same folder: the same greedy tokens
+
+
+@pytest.mark.parametrize("load, marked", [(0.2, False), (9.0, True)])
+def test_the_load_around_the_runs_is_printed_and_a_busy_machine_marked(exported, monkeypatch, load, marked):
+    import edgekit.bench as bench
+    from edgekit.bench.report import to_markdown
+
+    monkeypatch.setattr(bench, "_load_average", lambda: load)
+    text = to_markdown(run_bench(exported(ARCH), **QUICK))
+    title = text.splitlines()[0]
+    assert f"load {load:.2f}→{load:.2f}" in title
+    assert ("(BUSY: not a measurement)" in title) is marked

@@ -70,8 +70,10 @@ def test_tracker_adds_the_loaded_footprint_to_the_worst_run():
 
 
 def test_bandwidth_is_a_positive_rate():
-    gbs = metrics.measure_bandwidth_gbs(threads=2, mb_per_thread=16, repeats=2)
-    assert math.isfinite(gbs) and gbs > 0
+    probe = metrics.measure_bandwidth(threads=2, mb_per_thread=16, repeats=2)
+    for key in ("read_gbs", "copy_gbs"):
+        assert math.isfinite(probe[key]) and probe[key] > 0
+    assert probe["threads"] == 2 and probe["mb_per_thread"] == 16 and "2 threads" in probe["method"]
 
 
 def test_device_memory_is_sampled_when_tracked(monkeypatch):

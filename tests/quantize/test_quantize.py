@@ -127,6 +127,62 @@ def test_sidecar_records_quantization(built):
     assert data["quantize"]["model_bytes"] < data["quantize"]["fp32_model_bytes"]
 
 
+def test_tied_embedding_reads_the_lm_head_int4_table(built):
+    """tiny-code ties its embedding and LM head: one int4 table, and each gathered row is that
+    table's dequantized row (MatMulNBits layout: low nibble first, asymmetric per block)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    folder = built("int4-rtn", quantization="int4", method="rtn")
+    assert json.loads((folder / "edgekit.json").read_text())["build"]["quantize"]["tied_table_shared"] is True
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    config = json.loads((TRAINED[PRESET] / "config.json").read_text())
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    assert not [t for t in inits.values() if sorted(t.dims) == sorted([vocab, hidden])]  # no fp32 table left
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == gather.input[0])
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    block = attrs["block_size"]
+    data, scales, zeros = (numpy_helper.to_array(inits[name]) for name in head.input[1:4])
+    nibbles = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(vocab, hidden // block, block)
+    zeros = np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(vocab, -1)[:, :hidden // block]
+    levels = nibbles.astype(np.float32) - zeros[..., None].astype(np.float32)
+    rows = (levels * scales.reshape(vocab, -1, 1)).reshape(vocab, hidden)
+
+    embedded = next(n for n in model.graph.node if n.input and n.input[0] == gather.output[0]).output[0]
+    model.graph.output.append(helper.make_tensor_value_info(embedded, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 7, vocab - 1]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "logits_to_keep": np.zeros(1, np.int64)}
+    for i in model.graph.input:
+        if i.name.startswith("past"):  # (batch, kv heads, 0 past positions, head_dim)
+            shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            feeds[i.name] = np.zeros([1, shape[1], 0, shape[3]], np.float32)
+    got = session.run([embedded], feeds)[0]
+    np.testing.assert_allclose(got.reshape(3, hidden), rows[ids[0]], rtol=1e-6, atol=1e-6)
+
+
+def test_an_8_bit_lm_head_is_shared_by_the_embedding_and_closer_to_fp32(built, quality):
+    import onnx
+    from onnx import helper
+
+    folder = built("int4-head8", quantization="int4", method="rtn", lm_head_bits=8)
+    data = json.loads((folder / "edgekit.json").read_text())["build"]
+    assert data["quant_lm_head_bits"] == 8 and data["quantize"]["tied_table_shared"] is True
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    bits = lambda node: {a.name: helper.get_attribute_value(a) for a in node.attribute}.get("bits", 4)  # noqa: E731
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == gather.input[0])
+    assert bits(head) == bits(gather) == 8
+    assert {bits(n) for n in model.graph.node if n.op_type == "MatMulNBits" and n is not head} == {4}
+    built("int4-rtn", quantization="int4", method="rtn")
+    eight, four = quality("int4-head8"), quality("int4-rtn")
+    assert eight.passed and eight.kl_divergence < 0.5 * four.kl_divergence, (eight, four)
+    assert eight.top1_agreement > four.top1_agreement
+
+
 def test_int4_is_under_30_percent_of_fp32_on_large_matrices(tmp_path):
     """A scaled-down LLM whose matrices dominate its embeddings (as in 0.6B+ models minus the vocabulary)."""
     import torch
@@ -180,7 +236,8 @@ def test_build_reports_progress_with_sensible_counts(tiny_code_export, tmp_path)
     engine = build_engine(tiny_code_export, PROFILE, tmp_path / "int4", quant=QuantOptions("int4", "rtn"),
                           quality_text=HELDOUT, on_progress=lambda *call: calls.append(call))
     steps = list(dict.fromkeys(what for what, _, _ in calls))
-    assert steps == [f"building ort-cpu for {PROFILE}", "int4: quantizing weights", "int4: quantizing the embedding",
+    # tiny-code ties its embedding to the LM head: the Gather reads the head's int4 table, no second pass
+    assert steps == [f"building ort-cpu for {PROFILE}", "int4: quantizing weights", "int4: searching clip ranges",
                      "saving the quantized model", "loading the engine and the reference",
                      "scoring heldout.txt, window by window"]
     counts = {step: [(done, total) for what, done, total in calls if what == step] for step in steps}
@@ -188,6 +245,42 @@ def test_build_reports_progress_with_sensible_counts(tiny_code_export, tmp_path)
     total = weights[0][1]
     assert {t for _, t in weights} == {total} and total >= engine.details["quantize"]["quantized_matmuls"] > 0
     assert [d for d, _ in weights] == [*range(total + 1), total]  # one call per weight offered, then done
-    assert counts["int4: quantizing the embedding"][-1] == (1, 1)
+    searched = counts["int4: searching clip ranges"]
+    assert searched == [(i, total) for i in range(total)] + [(total, total)]  # each int4 MatMulNBits once
     windows = engine.quality["windows"]
     assert counts["scoring heldout.txt, window by window"] == [(i, windows) for i in range(1, windows + 1)]
+
+
+def test_lm_head_bits_refusals_as_printed(exported, tmp_path):
+    from tests.cli.test_cli import edgekit
+
+    path = str(exported("Qwen3ForCausalLM"))
+    five = edgekit("build", path, "--profile", PROFILE, "--quant", "int4", "--lm-head-bits", "5", "--dry-run")
+    assert five.returncode == 1 and five.stdout == ""
+    assert five.stderr.splitlines()[:2] == ["error: --lm-head-bits 5 is not 4 or 8",
+                                           "hint: use --lm-head-bits 8 (closer to fp32) or 4"]
+    out = tmp_path / "b"
+    gptq = edgekit("build", path, "--profile", PROFILE, "--quant", "int4", "--quant-method", "gptq", "--calibration",
+                   str(HELDOUT), "--lm-head-bits", "8", "-o", str(out))
+    assert gptq.returncode == 1 and "error: --lm-head-bits 8 needs --quant-method rtn" in " ".join(gptq.stderr.split())
+    assert not out.exists()
+    plan = edgekit("build", path, "--profile", PROFILE, "--quant", "int4", "--lm-head-bits", "8", "--dry-run")
+    assert plan.returncode == 0 and "LM head int8" in plan.stdout, plan.stderr
+
+
+def test_llamacpp_scheme_scores_the_second_half_of_whole_windows(built):
+    """``second_half``: llama-perplexity's windows (whole ones only, each scoring its second half), so
+    its figures and edgekit's are of the same tokens; the full scheme scores every prediction."""
+    from edgekit.errors import EdgekitError
+    from edgekit.quality import text_token_ids
+    from edgekit.types import ExportedGraph
+
+    folder = built("int4-rtn", quantization="int4", method="rtn")
+    ids = text_token_ids(ExportedGraph.load(folder), HELDOUT)
+    half = measure_quality(folder, PRESET, HELDOUT, max_tokens=None, window=256, second_half=True)
+    full = measure_quality(folder, PRESET, HELDOUT, max_tokens=None, window=256)
+    assert half.windows == len(ids) // 256 and half.tokens == half.windows * (256 // 2 - 1)
+    assert full.tokens == len(ids) - full.windows and full.tokens > 2 * half.tokens
+    assert half.reference_perplexity != full.reference_perplexity  # other tokens, other contexts
+    with pytest.raises(EdgekitError, match="the text has 500 tokens, under one 1024-token window"):
+        measure_quality(folder, PRESET, HELDOUT, max_tokens=500, window=1024, second_half=True)
