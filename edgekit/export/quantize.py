@@ -9,7 +9,9 @@ quantized tensor is computed only when the writer reaches it:
 The arithmetic is the build's: int4 MatMuls take :mod:`edgekit.quantize.clip` (asymmetric
 round-to-nearest per block over a clip-searched range), int8 ONNX Runtime's ``quantize_matmul_8bits``,
 the embedding ORT's numpy Gather quantizer, so the result matches ``edgekit build --quant int4``
-with RTN (except that the build's tied embedding reads the LM head's table). A transposed
+with RTN (except that the build's tied embedding reads the LM head's table). Past ``SEARCH_LIMIT``
+MatMul weights the int4 ranges are ORT's plain RTN (``quantize_matmul_4bits``): the search would
+add hours to a 27B export. A transposed
 weight (every Linear) is quantized by slices of its rows, so even a 1.3 G-parameter LM head
 never exists in fp32 at once.
 """
@@ -21,8 +23,12 @@ from typing import Any
 import numpy as np
 
 from edgekit.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
+from edgekit.quantize import SEARCH_LIMIT as BUILD_SEARCH_LIMIT
 
 CHUNK_BYTES = 64 << 20  # fp32 bytes of weight quantized per slice
+# The clip search costs ~16 RTN passes in NumPy (~4 M weights/s on 2 cores): past this many MatMul
+# weights (a 27B model: 1.7 h more) the export keeps ORT's plain RTN kernel, and says so.
+SEARCH_LIMIT = BUILD_SEARCH_LIMIT
 
 
 def quantize_graph(model: Any, quant: str, block_size: int | None = None,
@@ -37,6 +43,7 @@ def quantize_graph(model: Any, quant: str, block_size: int | None = None,
     check_block_size(block)
     graph = model.graph
     matmuls = gathers = 0
+    search = bits == 4 and _matmul_weight_count(graph) <= SEARCH_LIMIT
     for node in list(graph):
         if node.domain not in ("", "ai.onnx"):
             continue
@@ -44,7 +51,7 @@ def quantize_graph(model: Any, quant: str, block_size: int | None = None,
         if weight is None or recipe_of(weight) is None or len(weight.shape) != 2:
             continue
         if node.op_type == "MatMul":
-            _replace(graph, node, "MatMulNBits", [node.inputs[0], *_matmul_weights(graph, weight, bits, block)],
+            _replace(graph, node, "MatMulNBits", [node.inputs[0], *_matmul_weights(graph, weight, bits, block, search)],
                      {"K": weight.shape[0], "N": weight.shape[1], "bits": bits, "block_size": block,
                       "accuracy_level": accuracy_level})
             matmuls += 1
@@ -55,7 +62,20 @@ def quantize_graph(model: Any, quant: str, block_size: int | None = None,
     graph.opset_imports.setdefault("com.microsoft", 1)
     drop_unused(graph)
     return {"quantization": quant, "method": "rtn", "block_size": block, "accuracy_level": accuracy_level,
-            "symmetric": False, "quantized_matmuls": matmuls, "quantized_gathers": gathers, "at": "export"}
+            "symmetric": False, "clip_search": search, "quantized_matmuls": matmuls, "quantized_gathers": gathers,
+            "at": "export"}
+
+
+def _matmul_weight_count(graph: Any) -> int:
+    from edgekit.export.lazy import recipe_of
+
+    count = 0
+    for node in graph:
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+            weight = node.inputs[1]
+            if recipe_of(weight) is not None and len(weight.shape) == 2:
+                count += weight.shape[0] * weight.shape[1]
+    return count
 
 
 def check_block_size(block: int) -> None:
@@ -109,7 +129,7 @@ def _lazy_values(graph: Any, job: _Job, name: str, specs: list[tuple[str, Any, t
     return values
 
 
-def _matmul_weights(graph: Any, weight: Any, bits: int, block: int) -> list[Any]:
+def _matmul_weights(graph: Any, weight: Any, bits: int, block: int, search: bool) -> list[Any]:
     import onnx_ir as ir
 
     k, n = weight.shape
@@ -117,7 +137,7 @@ def _matmul_weights(graph: Any, weight: Any, bits: int, block: int) -> list[Any]
     blob = block * bits // 8
     zp_cols = -(-blocks * bits // 8)
     scale_dtype = weight.const_value.dtype
-    job = _Job(lambda: _quantize_matmul(weight.const_value, bits, block))
+    job = _Job(lambda: _quantize_matmul(weight.const_value, bits, block, search))
     return _lazy_values(graph, job, weight.name, [
         (f".q{bits}", ir.DataType.UINT8, (n, blocks, blob)),
         (".scales", scale_dtype, (n, blocks)),
@@ -125,7 +145,7 @@ def _matmul_weights(graph: Any, weight: Any, bits: int, block: int) -> list[Any]
     ])
 
 
-def _quantize_matmul(tensor: Any, bits: int, block: int) -> tuple[np.ndarray, ...]:
+def _quantize_matmul(tensor: Any, bits: int, block: int, search: bool) -> tuple[np.ndarray, ...]:
     """Blockwise RTN over column slices of the (K, N) weight -> (packed, scales, zero points)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
@@ -142,7 +162,7 @@ def _quantize_matmul(tensor: Any, bits: int, block: int) -> tuple[np.ndarray, ..
     for start in range(0, n, step):
         stop = min(n, start + step)
         columns = columns_of(start, stop).astype(np.float32)  # (K, cols)
-        if bits == 4:  # the build's int4 RTN: clipped ranges (edgekit.quantize.clip)
+        if search:  # the build's int4 RTN: clipped ranges (edgekit.quantize.clip)
             packed[start:stop], scales[start:stop], zero_points[start:stop] = quantize_int4(columns, block)
             continue
         if blocks * block != k:

@@ -27,6 +27,8 @@ import numpy as np
 from edgekit._files import model_bytes, model_files
 from edgekit.errors import EdgekitError, require
 from edgekit.quantize.tied import same_table, share_table
+
+SEARCH_LIMIT = 2_000_000_000  # MatMul weights past which int4 RTN skips the clip search (~4 M weights/s)
 from edgekit.types import ExportedGraph, state_io
 
 
@@ -77,9 +79,9 @@ def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
     with contextlib.redirect_stdout(sys.stderr):
         if settings.quantization == "int4":
             with np.errstate(divide="ignore", invalid="ignore"):  # ORT's Gather quantizer divides by all-zero rows' scale 0
-                proto, shared = _int4(graph, proto, settings, exclude, progress)
+                proto, figures = _int4(graph, proto, settings, exclude, progress)
         else:
-            shared = False
+            figures = {"tied_table_shared": False}
             progress("int8: quantizing MatMuls", 0, 1)
             proto = _int8(model, exclude)
             progress("int8: quantizing MatMuls", 1, 1)
@@ -91,7 +93,7 @@ def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
     return {"fp32_model_bytes": before, "model_bytes": model_bytes(model),
             "quantized_matmuls": sum(n.op_type in ("MatMulNBits", "MatMulInteger") for n in proto.graph.node),
             "quantized_gathers": sum(n.op_type == "GatherBlockQuantized" for n in proto.graph.node),
-            "lm_head_node": lm_head, "tied_table_shared": shared}
+            "lm_head_node": lm_head, **figures}
 
 
 def _lm_head(proto) -> str | None:
@@ -125,6 +127,8 @@ def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[st
     tied = settings.embeddings and head not in exclude and same_table(proto, gather, head)
     head_output = next((n.output[0] for n in proto.graph.node if n.name == head), None)
     weights = _matmul_weights(proto, exclude) if settings.method != "gptq" else {}
+    if sum(int(np.prod(t.dims)) for t in weights.values()) > SEARCH_LIMIT:
+        weights = {}  # the clip search would take hours: ORT's plain RTN, as the streamed export does
     if settings.lm_head_bits == 8 and head is not None and head not in exclude:
         # the LM head alone first, in 8 bits; the int4 pass then finds a MatMulNBits there, not a MatMul
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head]
@@ -134,14 +138,15 @@ def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[st
     proto = _nbits(nbits, proto, settings, exclude, algo, progress, what)
     if weights:  # ORT's RTN laid the nodes out; the clip-searched numbers replace its plain ones
         _search_ranges(proto, weights, progress)
+    figures = {"clip_search": bool(weights), "tied_table_shared": False}
     if tied and share_table(proto, gather, head_output):  # one int4 table for the Gather and the LM head
-        return proto, True
+        return proto, {**figures, "tied_table_shared": True}
     if settings.embeddings:  # a second, RTN pass: ORT quantizes Gather in its default quantizer only
         others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name != gather]
         algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, op_types_to_quantize=("Gather",),
                                                   quant_axes=(("Gather", 1),))
         proto = _nbits(nbits, proto, settings, others, algo, progress, "int4: quantizing the embedding")
-    return proto, False
+    return proto, figures
 
 
 def _matmul_weights(proto, exclude: list[str]) -> dict[str, Any]:

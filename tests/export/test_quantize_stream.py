@@ -1,5 +1,6 @@
 """Quantizing at export (``edgekit export --quant``): the same int4 weights as ``edgekit build --quant
-int4`` (ORT's RTN), the same bytes whatever the slice size, and quality measured on the trained preset."""
+int4`` (clip-searched RTN; ORT's plain RTN past the size limit), the same bytes whatever the slice size,
+and quality measured on the trained preset."""
 
 from __future__ import annotations
 
@@ -50,6 +51,26 @@ def test_slices_do_not_change_the_bytes(int4_export, tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "CHUNK_BYTES", 4 * 64 * 7)  # 7 columns of a 64-row weight per slice
     sliced = export_model(PRESET, tmp_path / "sliced", quant="int4")
     assert (sliced.path / "model.onnx.data").read_bytes() == (int4_export.path / "model.onnx.data").read_bytes()
+
+
+def test_past_the_search_limit_the_export_keeps_orts_plain_rtn(int4_export, tmp_path, monkeypatch):
+    """A model too big for the clip search (here: a limit of 0 weights) gets ORT's own kernel, and says so;
+    below the limit the export's ranges are searched, not ORT's (their error: tests/quantize/test_clip.py)."""
+    import edgekit.export.quantize as stream
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    monkeypatch.setattr(stream, "SEARCH_LIMIT", 0)
+    plain = export_model(PRESET, tmp_path / "plain", quant="int4")
+    assert plain.quantization["clip_search"] is False and int4_export.quantization["clip_search"] is True
+    fp32 = onnx.load(str(export_model(PRESET, tmp_path / "fp32").model_path))
+    weight = next(onnx.numpy_helper.to_array(t) for t in fp32.graph.initializer
+                  if t.name.endswith("layers.0.mlp.down_proj.weight.transpose"))  # (K, N)
+    k, n = weight.shape
+    packed, scales, zeros = (np.zeros((n, k // 32, 16), np.uint8), np.zeros((n, k // 32), np.float32),
+                             np.zeros((n, -(-k // 64)), np.uint8))
+    quantize_matmul_4bits(packed, np.ascontiguousarray(weight), scales, zeros, 32, n, k, False)
+    digest = tuple(hashlib.sha256(a.tobytes()).hexdigest() for a in (packed, scales, zeros))
+    assert digest in _nbits_weights(plain.model_path) and digest not in _nbits_weights(int4_export.model_path)
 
 
 def test_export_int4_quality(int4_export):

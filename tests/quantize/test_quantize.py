@@ -135,7 +135,8 @@ def test_tied_embedding_reads_the_lm_head_int4_table(built):
     from onnx import helper, numpy_helper
 
     folder = built("int4-rtn", quantization="int4", method="rtn")
-    assert json.loads((folder / "edgekit.json").read_text())["build"]["quantize"]["tied_table_shared"] is True
+    figures = json.loads((folder / "edgekit.json").read_text())["build"]["quantize"]
+    assert figures["tied_table_shared"] is True and figures["clip_search"] is True
     model = onnx.load(str(folder / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
     config = json.loads((TRAINED[PRESET] / "config.json").read_text())
