@@ -1,6 +1,6 @@
 """Where one decode step's time goes, from ONNX Runtime's own profiler.
 
-    folder ─OrtSession(profiling on)─> for each context C: prefill C random tokens, then
+    folder ─ORT CPU session (profiling on)─> for each context C: prefill C random tokens, then
         warmup + steps single-token decode steps (wall time of each) ─end_profiling─> JSON events
         ─each step's model_run and the Node events inside it─> ms per part, mean over the steps
 
@@ -43,7 +43,6 @@ NORMS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "La
 # Between the LM head's product and the logits output: still the logits' cost.
 PASS_THROUGH = {"Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Flatten", "Softcap", "Tanh",
                 "Div", "Mul"}
-DEFAULT_SETTINGS = {"providers": ["CPUExecutionProvider"], "provider_options": [{}], "intra_op_threads": 0}
 
 
 def profile_decode(folder: str | Path, contexts: Sequence[int] = (32, 512), steps: int = 16,
@@ -96,16 +95,11 @@ def _check(engine: Engine, contexts: list[int], steps: int, warmup: int) -> None
 
 def _open(engine: Engine, threads: int | None, prefix: str) -> Any:
     """The session ``open_engine`` would give, with ONNX Runtime's profiler writing under ``prefix``."""
-    from edgekit.runtimes.onnxruntime import OrtSession
-    from edgekit.runtimes.onnxruntime_build import graph_only_error
-    from edgekit.runtimes.registry import check_engine_fits
+    from edgekit.runtimes.registry import check_engine_fits, get_runtime
 
     if engine.kind == "build":
         check_engine_fits(engine)
-        if engine.details.get("graph_only"):
-            raise graph_only_error(engine)
-    settings = {**(engine.details.get("onnxruntime") or DEFAULT_SETTINGS), "profile_prefix": prefix}
-    return OrtSession(engine.graph, threads=threads, settings=settings)
+    return get_runtime(engine.runtime).open_profiled(engine, prefix, threads=threads)
 
 
 def _decode(session: Any, vocab: int, context: int, steps: int, warmup: int, seed: int) -> list[float]:

@@ -135,6 +135,17 @@ class OrtRuntime:
         return OrtSession(engine.graph, threads=threads, memory_map=memory_map,
                           settings=engine.details.get("onnxruntime"))
 
+    def open_profiled(self, engine: Any, prefix: str, threads: int | None = None):
+        """``open`` with ONNX Runtime's profiler on, writing its JSON under ``prefix``
+        (:mod:`edgekit.bench.profile_step`; ``session.session.end_profiling()`` gives the file)."""
+        from edgekit.runtimes.onnxruntime import OrtSession
+
+        if engine.details.get("graph_only"):
+            raise graph_only_error(engine)
+        settings = engine.details.get("onnxruntime") or {"providers": ["CPUExecutionProvider"],
+                                                          "provider_options": [{}], "intra_op_threads": 0}
+        return OrtSession(engine.graph, threads=threads, settings={**settings, "profile_prefix": prefix})
+
 
 def graph_only_error(engine: Any) -> EdgekitError:
     """Opening a --graph-only build: it holds the graph, not the engine."""
