@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.bench import metrics
 from edgekit.bench.contenders import (Contender, ContenderFailed, EdgekitContender, PeerContender, RunTiming,
                                       TorchContender, make_contender)
 from edgekit.bench.report import BenchReport, Measured, render_table, summarize, write_plot
@@ -60,10 +61,10 @@ def run_bench(
     contenders += [make_contender(c, graph, threads) if isinstance(c, str) else c for c in compare]
     _check_names(contenders)
     bandwidth = _bandwidth(profile, measure_bandwidth, threads, contenders[0])  # before the runs: a bad --profile fails fast
-    load_before = _load_average()
+    load_before = metrics.load_average()
     measured = measure(contenders, make_prompts(graph.model.vocab_size, lengths), new_tokens, runs, warmup,
                        on_progress or (lambda *_: None))
-    load_after = _load_average()
+    load_after = metrics.load_average()
     for contender, record in zip(contenders, measured):
         record.decode_bytes = _decode_bytes(contender)
     settings = {"path": str(path), "model": graph.model.source, "target": graph.target, "dtype": graph.dtype,
@@ -194,16 +195,6 @@ def _bandwidth(profile: str | None, measure_it: bool, threads: int | None, first
     return {**settings, "bandwidth_gbs": probe["read_gbs"], "bandwidth_source": f"measured: {probe['method']}{cached}",
             "copy_gbs": probe["copy_gbs"], "bandwidth_measured_at": probe["measured_at"],
             "bandwidth_load_average": probe.get("load_average")}
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average: a benchmark beside other work on a few cores measures the other work."""
-    import os
-
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def _decode_bytes(contender: Contender) -> int | None:

@@ -25,8 +25,9 @@ import numpy as np
 from edgekit.bench.peer_worker import MemorySampler, MemoryTracker, StepClock, reset_peak, status_mb
 from edgekit.doctor import _cores, _cpu
 
-__all__ = ["MemorySampler", "MemoryTracker", "StepClock", "decode_bytes", "machine_bandwidth", "measure_bandwidth",
-           "measure_bandwidth_gbs", "percentiles", "reset_peak", "roofline_fraction", "spread", "status_mb"]
+__all__ = ["MemorySampler", "MemoryTracker", "StepClock", "decode_bytes", "load_average", "machine_bandwidth",
+           "measure_bandwidth", "percentiles", "reset_peak", "roofline_fraction", "spread",
+           "status_mb"]
 
 PERCENTILES = (50, 90, 99)
 
@@ -159,11 +160,6 @@ def measure_bandwidth(threads: int | None = None, mb_per_thread: int | None = No
             "threads": threads, "mb_per_thread": mb, "method": method}
 
 
-def measure_bandwidth_gbs(threads: int | None = None, mb_per_thread: int | None = None, repeats: int = 5) -> float:
-    """The streaming-read GB/s of :func:`measure_bandwidth`."""
-    return measure_bandwidth(threads, mb_per_thread, repeats)["read_gbs"]
-
-
 def machine_bandwidth(threads: int | None = None, refresh: bool = False) -> dict[str, Any]:
     """:func:`measure_bandwidth` of this machine, cached under ``cache_dir()/bandwidth`` and keyed
     by CPU model, cores and threads; ``refresh`` measures again and replaces the cached figure.
@@ -178,7 +174,7 @@ def machine_bandwidth(threads: int | None = None, refresh: bool = False) -> dict
     record = None if refresh else _cached(path, key)
     if record is not None and not _busier(record.get("load_average"), key["cores"]):
         return {**record, "cached": True}
-    load = _load_average()  # before: the probe's own threads raise it
+    load = load_average()  # before: the probe's own threads raise it
     record = {**key, **measure_bandwidth(key["threads"]), "load_average": load,
               "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +184,9 @@ def machine_bandwidth(threads: int | None = None, refresh: bool = False) -> dict
     return {**record, "cached": False}
 
 
-def _load_average() -> float | None:
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none): a benchmark beside other work
+    on a few cores measures the other work."""
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:  # not on this platform
@@ -198,7 +196,7 @@ def _load_average() -> float | None:
 def _busier(cached_load: float | None, cores: int) -> bool:
     """Whether a cached probe ran on a busy machine (load >= 3/4 of the cores) that is quieter now:
     other processes' memory traffic lowers the figure, so it is measured again."""
-    now = _load_average()
+    now = load_average()
     return cached_load is not None and now is not None and cached_load >= 0.75 * cores and now < cached_load - 0.5
 
 

@@ -99,7 +99,7 @@ def _open(engine: Engine, threads: int | None, prefix: str) -> Any:
 
     if engine.kind == "build":
         check_engine_fits(engine)
-    return get_runtime(engine.runtime).open_profiled(engine, prefix, threads=threads)
+    return get_runtime(engine.runtime).open(engine, threads=threads, profile_prefix=prefix)
 
 
 def _decode(session: Any, vocab: int, context: int, steps: int, warmup: int, seed: int) -> list[float]:

@@ -69,7 +69,9 @@ def _consumers(proto) -> dict[str, list]:
 
 def _read_tied_embedding(proto, head) -> bool:
     """Point the LM head at the embedding table (transB) when it holds the same numbers."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
+
+    from edgekit.quantize.tied import is_transpose
 
     if head.op_type != "MatMul":
         return False
@@ -83,7 +85,7 @@ def _read_tied_embedding(proto, head) -> bool:
     if not gathers:
         return False
     table = inits[gathers[0].input[0]]
-    if not np.array_equal(numpy_helper.to_array(table).T, numpy_helper.to_array(weight)):
+    if not is_transpose(table, weight):
         return False
     fused = helper.make_node("FusedMatMul", [head.input[0], table.name], list(head.output), name=head.name,
                              domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)

@@ -73,13 +73,14 @@ def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # its INFO lines go to stdout
     before = model_bytes(model)
     proto = onnx.load(str(model))
+    _name_unnamed(proto)  # before the LM head is found: the quantizers key nodes by name
     lm_head = _lm_head(proto)
     exclude = [] if settings.lm_head or lm_head is None else [lm_head]
     # ORT's GPTQ prints a progress bar on stdout, which `--json` keeps for the result alone.
     with contextlib.redirect_stdout(sys.stderr):
         if settings.quantization == "int4":
             with np.errstate(divide="ignore", invalid="ignore"):  # ORT's Gather quantizer divides by all-zero rows' scale 0
-                proto, figures = _int4(graph, proto, settings, exclude, progress)
+                proto, figures = _int4(graph, proto, settings, lm_head, exclude, progress)
         else:
             figures = {"tied_table_shared": False}
             progress("int8: quantizing MatMuls", 0, 1)
@@ -107,10 +108,10 @@ def _lm_head(proto) -> str | None:
     return node.name if node is not None and node.op_type == "MatMul" else None
 
 
-def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[str], progress: Progress):
+def _int4(graph: ExportedGraph, proto, settings: QuantSettings, head: str | None, exclude: list[str],
+          progress: Progress):
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    _name_unnamed(proto)
     block = settings.block_size or DEFAULT_BLOCK_SIZE
     if settings.method == "gptq":
         # A build's graph edits add a logits_to_keep input: 0 keeps every position.
@@ -123,7 +124,7 @@ def _int4(graph: ExportedGraph, proto, settings: QuantSettings, exclude: list[st
         algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False,
                                                   accuracy_level=settings.accuracy_level)
     what = "int4 GPTQ: calibrating and quantizing" if settings.method == "gptq" else "int4: quantizing weights"
-    gather, head = _embedding(graph, proto), _lm_head(proto)
+    gather = _embedding(graph, proto)
     tied = settings.embeddings and head not in exclude and same_table(proto, gather, head)
     head_output = next((n.output[0] for n in proto.graph.node if n.name == head), None)
     weights = _matmul_weights(proto, exclude) if settings.method != "gptq" else {}

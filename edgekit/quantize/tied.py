@@ -29,10 +29,7 @@ PREFIX = "/edgekit/tied_embedding"
 
 
 def same_table(proto: Any, gather_name: str | None, head_name: str | None) -> bool:
-    """Whether the embedding Gather's table is the transpose of the (fp32 MatMul) LM head's weight.
-
-    Compared in row slices of the raw bytes, so no fp32 copy of either is made.
-    """
+    """Whether the embedding Gather's table is the transpose of the (MatMul) LM head's weight."""
     if gather_name is None or head_name is None:
         return False
     nodes = {n.name: n for n in proto.graph.node}
@@ -41,22 +38,29 @@ def same_table(proto: Any, gather_name: str | None, head_name: str | None) -> bo
     if gather is None or head is None or head.op_type != "MatMul":
         return False
     table, weight = inits.get(gather.input[0]), inits.get(head.input[1])
-    if table is None or weight is None or list(table.dims)[::-1] != list(weight.dims):
+    return table is not None and weight is not None and is_transpose(table, weight)
+
+
+def is_transpose(table: Any, weight: Any) -> bool:
+    """Whether 2-D initializer ``table`` holds exactly the numbers of ``weight`` transposed (same type).
+
+    Compared in row slices of the raw bytes where they are stored raw, so no copy of either is made.
+    """
+    if len(table.dims) != 2 or list(table.dims)[::-1] != list(weight.dims) or table.data_type != weight.data_type:
         return False
     a, b = _view(table), _view(weight)
-    if a is None or b is None:
-        return False
-    step = max(1, (16 << 20) // (4 * a.shape[1]))
+    step = max(1, (16 << 20) // (a.itemsize * a.shape[1]))
     return all(np.array_equal(a[i:i + step], b[:, i:i + step].T) for i in range(0, a.shape[0], step))
 
 
-def _view(tensor: Any) -> np.ndarray | None:
-    """A float32 tensor's numbers without a copy (its raw bytes), or None when not stored raw."""
-    from onnx import TensorProto
+def _view(tensor: Any) -> np.ndarray:
+    """A tensor's numbers: a view of its raw bytes when stored raw, else ONNX's own conversion."""
+    from onnx import helper, numpy_helper
 
-    if tensor.data_type != TensorProto.FLOAT or not tensor.raw_data:
-        return None
-    return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(tuple(tensor.dims))
+    if not tensor.raw_data:
+        return numpy_helper.to_array(tensor)
+    return np.frombuffer(tensor.raw_data, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(
+        tuple(tensor.dims))
 
 
 def share_table(proto: Any, gather_name: str, head_output: str) -> bool:

@@ -40,7 +40,7 @@ class OrtSession:
     """One sequence (batch 1) running on an exported graph, with its cache."""
 
     def __init__(self, graph: ExportedGraph, threads: int | None = None, memory_map: bool | None = None,
-                 settings: dict[str, Any] | None = None):
+                 settings: dict[str, Any] | None = None, profile_prefix: str | None = None):
         ort = require("onnxruntime", "cpu")
         if graph.dtype not in NUMPY_DTYPES:
             raise RuntimeUnavailableError(
@@ -58,9 +58,9 @@ class OrtSession:
         # Idle pool threads sleep instead of spinning: on a few shared cores a spinning thread
         # takes the core the other one needs (decode 1.4x faster at load 4; benchmarks/NOTES.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if settings.get("profile_prefix"):  # edgekit.bench.profile_step: ORT's own per-node timings
+        if profile_prefix:  # edgekit.bench.profile_step: ORT's own per-node timings
             options.enable_profiling = True
-            options.profile_file_prefix = settings["profile_prefix"]
+            options.profile_file_prefix = profile_prefix
         on_cpu = settings["providers"][0] == "CPUExecutionProvider"
         self.memory_mapped = on_cpu and (not weights_fit(graph.model_path) if memory_map is None else memory_map)
         if self.memory_mapped:

@@ -127,24 +127,16 @@ class OrtRuntime:
         built = build(graph, self, plan.onnxruntime, out)
         return {**built, "model_file": plan.onnxruntime["model_file"]}
 
-    def open(self, engine: Any, threads: int | None = None, memory_map: bool | None = None):
+    def open(self, engine: Any, threads: int | None = None, memory_map: bool | None = None,
+             profile_prefix: str | None = None):
+        """The engine's session; ``profile_prefix`` turns ONNX Runtime's profiler on, writing its JSON
+        there (:mod:`edgekit.bench.profile_step`; ``session.session.end_profiling()`` names the file)."""
         from edgekit.runtimes.onnxruntime import OrtSession
 
         if engine.details.get("graph_only"):
             raise graph_only_error(engine)
         return OrtSession(engine.graph, threads=threads, memory_map=memory_map,
-                          settings=engine.details.get("onnxruntime"))
-
-    def open_profiled(self, engine: Any, prefix: str, threads: int | None = None):
-        """``open`` with ONNX Runtime's profiler on, writing its JSON under ``prefix``
-        (:mod:`edgekit.bench.profile_step`; ``session.session.end_profiling()`` gives the file)."""
-        from edgekit.runtimes.onnxruntime import OrtSession
-
-        if engine.details.get("graph_only"):
-            raise graph_only_error(engine)
-        settings = engine.details.get("onnxruntime") or {"providers": ["CPUExecutionProvider"],
-                                                          "provider_options": [{}], "intra_op_threads": 0}
-        return OrtSession(engine.graph, threads=threads, settings={**settings, "profile_prefix": prefix})
+                          settings=engine.details.get("onnxruntime"), profile_prefix=profile_prefix)
 
 
 def graph_only_error(engine: Any) -> EdgekitError:

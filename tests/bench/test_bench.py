@@ -205,10 +205,10 @@ def test_a_second_edgekit_folder_runs_beside_the_first(exported):
 
 @pytest.mark.parametrize("load, marked", [(0.2, False), (9.0, True)])
 def test_the_load_around_the_runs_is_printed_and_a_busy_machine_marked(exported, monkeypatch, load, marked):
-    import edgekit.bench as bench
+    from edgekit.bench import metrics
     from edgekit.bench.report import to_markdown
 
-    monkeypatch.setattr(bench, "_load_average", lambda: load)
+    monkeypatch.setattr(metrics, "load_average", lambda: load)
     text = to_markdown(run_bench(exported(ARCH), **QUICK))
     title = text.splitlines()[0]
     assert f"load {load:.2f}→{load:.2f}" in title

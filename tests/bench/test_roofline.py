@@ -77,7 +77,7 @@ def test_not_an_onnx_file_has_no_figure(tmp_path):
 def small_probe(monkeypatch, tmp_path):
     """The real probe on 16 MiB buffers, its calls logged (these tests check the cache, not the figure)."""
     monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(metrics, "_load_average", lambda: 0.3)  # a quiet machine throughout
+    monkeypatch.setattr(metrics, "load_average", lambda: 0.3)  # a quiet machine throughout
     calls = []
     real = metrics.measure_bandwidth
     monkeypatch.setattr(metrics, "measure_bandwidth",
@@ -103,7 +103,7 @@ def test_the_probe_is_cached_per_thread_count_and_refreshed_on_demand(small_prob
 def test_a_probe_taken_on_a_busy_machine_is_taken_again_once_it_is_quiet(small_probe, monkeypatch):
     cores = metrics._cores()
     load = {"now": 1.0 * cores}
-    monkeypatch.setattr(metrics, "_load_average", lambda: load["now"])
+    monkeypatch.setattr(metrics, "load_average", lambda: load["now"])
     busy = machine_bandwidth(threads=1)
     assert busy["load_average"] == cores and machine_bandwidth(threads=1)["cached"] is True  # still as busy
     load["now"] = 0.1
