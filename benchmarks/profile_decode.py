@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the result as JSON")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-    from edgekit.bench.profile_step import profile_decode, profile_markdown
+    from edgekit.bench.profile_step import check_profile_output, profile_decode, profile_markdown
     from edgekit.errors import EdgekitError
 
     try:
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     try:
+        if args.json is not None:
+            check_profile_output(args.json)  # before the profile runs: a refused path costs no minutes
         result = profile_decode(args.folder, contexts, args.steps, args.threads, args.warmup)
     except EdgekitError as exc:
         print(f"error: {exc.message}" + (f"\nhint: {exc.hint}" if exc.hint else ""), file=sys.stderr)

@@ -30,7 +30,7 @@ import numpy as np
 from edgekit.errors import ConfigError, RuntimeUnavailableError
 from edgekit.types import Engine
 
-__all__ = ["PARTS", "lm_head_nodes", "profile_decode", "profile_markdown"]
+__all__ = ["PARTS", "check_profile_output", "lm_head_nodes", "profile_decode", "profile_markdown"]
 
 PARTS = ("matmuls", "lm_head", "attention", "norms", "other", "graph_overhead", "outside_graph")
 MATMULS = {"MatMul", "MatMulNBits", "Gemm", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat",
@@ -226,6 +226,27 @@ def _graph(model_path: str | Path) -> Any:
 
 LABELS = {"matmuls": "matmuls", "lm_head": "LM head", "attention": "attention", "norms": "norms", "other": "other ops",
           "graph_overhead": "executor", "outside_graph": "outside the graph"}
+
+
+def check_profile_output(path: str | Path) -> None:
+    """Refuse a JSON output path whose folder is missing, or that holds something other than an earlier
+    profile (edgekit never overwrites what it did not write); call it before profiling."""
+    from edgekit.errors import OutputExistsError
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputExistsError(f"cannot write {path}: folder {path.parent} does not exist", "create it, or pass another path")
+    if path.is_dir() or (path.exists() and not _a_profile(path)):
+        raise OutputExistsError(f"{path} exists and is not a decode profile; not replacing it",
+                                "pass a new file name, or move that file away yourself")
+
+
+def _a_profile(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and {"contexts", "lm_head", "onnxruntime_version"} <= data.keys()
 
 
 def profile_markdown(result: dict[str, Any]) -> str:

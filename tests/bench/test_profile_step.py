@@ -104,5 +104,15 @@ def test_the_script_prints_a_markdown_table_and_writes_json(exported, tmp_path):
     assert "LM head" in header and "outside the graph" in header
     rows = [line for line in lines if line.startswith("| 8 ") or line.startswith("| 16 ")]
     assert len(rows) == 2 and json.loads(out.read_text())["steps"] == 2
+    again = subprocess.run([sys.executable, str(SCRIPT), str(exported(ARCH)), "--contexts", "8", "--steps", "1",
+                            "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads(out.read_text())["steps"] == 1  # its own earlier profile: replaced
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    kept = subprocess.run([sys.executable, str(SCRIPT), str(exported(ARCH)), "--json", str(notes)],
+                          capture_output=True, text=True, timeout=300)
+    assert kept.returncode == 1 and notes.read_text() == '{"mine": true}'
+    assert kept.stderr.splitlines()[:2] == [f"error: {notes} exists and is not a decode profile; not replacing it",
+                                            "hint: pass a new file name, or move that file away yourself"]
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "none")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "error:" in bad.stderr and "hint:" in bad.stderr and "Traceback" not in bad.stderr
