@@ -398,27 +398,39 @@ def llamacpp_quality(bin_dir: str | Path, model_folder: str | Path, variant: str
     with tempfile.TemporaryDirectory(prefix="edgekit-kld-") as work:
         logits = str(Path(work) / "f32.kld")
         first = _perplexity([str(tool), "-m", str(base), "-f", str(text_file), "-c", str(ctx), "-t", threads,
-                             "--kl-divergence-base", logits])
+                             "--kl-divergence-base", logits], [BASE_PPL])
         second = _perplexity([str(tool), "-m", str(quantized), "-t", threads, "-c", str(ctx),
-                              "--kl-divergence-base", logits, "--kl-divergence"])
-    base_ppl = _number(first, r"Final estimate: PPL = ([\d.]+)")
-    ppl = _number(second, r"Mean PPL\(Q\)\s*:\s*([\d.]+)")
-    same = _number(second, r"Same top p:\s*([\d.]+)")
-    return {"variant": variant, "ctx": ctx, "ppl_f32": base_ppl, "ppl": ppl,
-            "mean_kld": _number(second, r"Mean\s+KLD:\s*(-?[\d.]+)"), "same_top_p": round(same / 100, 5)}
+                              "--kl-divergence-base", logits, "--kl-divergence"], [MEAN_PPL, SAME_TOP, MEAN_KLD])
+    return {"variant": variant, "ctx": ctx, "ppl_f32": _number(first, BASE_PPL), "ppl": _number(second, MEAN_PPL),
+            "mean_kld": _number(second, MEAN_KLD), "same_top_p": round(_number(second, SAME_TOP) / 100, 5)}
 
 
-def _perplexity(command: list[str]) -> str:
-    result = subprocess.run(command, capture_output=True, text=True)
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
-        lines = [line for line in output.splitlines() if line.strip()]
-        raise ContenderFailed(f"llama-perplexity failed (exit {result.returncode}): {lines[-1] if lines else ''}")
-    return output
+BASE_PPL = r"Final estimate: PPL = ([\d.]+)"
+MEAN_PPL = r"Mean PPL\(Q\)\s*:\s*([\d.]+)"
+SAME_TOP = r"Same top p:\s*([\d.]+)"
+MEAN_KLD = r"Mean\s+KLD:\s*(-?[\d.]+)"
+TRIES = 3
+
+
+def _perplexity(command: list[str], needed: list[str]) -> str:
+    """Run ``llama-perplexity`` until its output holds every ``needed`` figure (at most TRIES runs).
+
+    Its logger is an intentionally leaked singleton with a worker thread (common/log.cpp,
+    llama.cpp issue 22142): lines still queued when ``main`` returns are lost, so on a busy machine
+    a clean exit can come without the summary. The run is deterministic, so running it again is
+    the same measurement."""
+    for _ in range(TRIES):
+        result = subprocess.run(command, capture_output=True, text=True)
+        output = result.stdout + result.stderr
+        if result.returncode != 0:
+            lines = [line for line in output.splitlines() if line.strip()]
+            raise ContenderFailed(f"llama-perplexity failed (exit {result.returncode}): {lines[-1] if lines else ''}")
+        if all(re.search(pattern, output) for pattern in needed):
+            return output
+    missing = [pattern for pattern in needed if not re.search(pattern, output)]
+    raise ContenderFailed(f"llama-perplexity exited cleanly {TRIES} times without printing {missing[0]!r}; "
+                          f"its last line: {output.strip().splitlines()[-1][:200] if output.strip() else 'none'}")
 
 
 def _number(text: str, pattern: str) -> float:
-    match = re.search(pattern, text)
-    if match is None:
-        raise ContenderFailed(f"llama-perplexity printed no {pattern!r}")
-    return float(match.group(1))
+    return float(re.search(pattern, text).group(1))

@@ -61,6 +61,23 @@ def test_the_source_tree_comes_from_the_build_cache(tmp_path):
     assert source_tree(build / "bin") == tree
 
 
+def test_a_summary_lost_at_exit_is_measured_again(tmp_path):
+    """llama-perplexity's leaked logger can drop the summary when main returns; the run is repeated,
+    and a tool that never prints it fails naming the figure."""
+    from edgekit.bench.llamacpp import MEAN_KLD, TRIES, _perplexity
+
+    count = tmp_path / "runs"
+    tool = tmp_path / "llama-perplexity"
+    tool.write_text(f'#!/bin/sh\necho x >> {count}\necho "chunk 1"\n'
+                    f'[ $(wc -l < {count}) -ge 2 ] && echo "Mean    KLD:   0.000620 +- 0.00001"\nexit 0\n')
+    tool.chmod(0o755)
+    assert "Mean    KLD:   0.000620" in _perplexity([str(tool)], [MEAN_KLD])
+    assert count.read_text().count("x") == 2
+    tool.write_text('#!/bin/sh\necho "chunk 1"\n')
+    with pytest.raises(ContenderFailed, match=f"exited cleanly {TRIES} times without printing .*KLD.*its last line: chunk 1"):
+        _perplexity([str(tool)], [MEAN_KLD])
+
+
 def test_the_presets_pre_tokenizer_is_gpt2s_split():
     tokenizer = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
     assert llamacpp_convert.pre_tokenizer_name(tokenizer) == "gpt-2"
