@@ -43,17 +43,24 @@ def serve(
         "Let Ray Serve scale between MIN and MAX replicas on ongoing requests (--max-batch per replica).")),
     gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", help=(
         "GPUs Ray reserves for each replica (e.g. 1 for a CUDA or TensorRT engine).")),
+    speculative: str = typer.Option(None, "--speculative", help=(
+        "Speculative decoding for a request decoding alone: ngram (prompt lookup) or draft:PATH (a smaller "
+        "export with the same tokenizer). Greedy output is unchanged; sampling keeps the model's distribution.")),
+    draft_tokens: int = typer.Option(None, "--draft-tokens", help="Tokens proposed per step with --speculative (default 4)."),
 ) -> None:
     """Serve PATH over HTTP with OpenAI-compatible /v1/completions and /v1/chat/completions."""
     require("fastapi", "serve")
     uvicorn = require("uvicorn", "serve")
     from edgekit.serve.app import ServeConfig, create_app, uvicorn_options
+    from edgekit.serve.speculate import check_choice
 
     if not 0 < port < 65536:
         raise EdgekitError(f"--port {port} is not a TCP port", "use e.g. --port 8000")
+    check_choice(speculative, draft_tokens)
     if replicas is not None or ray_address is not None or autoscale is not None:
         config = ServeConfig(max_batch, max_context, api_key or None, threads, model_id,
-                             prefix_cache_mb=prefix_cache_mb, prefill_batch=prefill_batch)
+                             prefix_cache_mb=prefix_cache_mb, prefill_batch=prefill_batch,
+                             speculative=speculative, draft_tokens=draft_tokens)
         return _serve_on_ray(path, config, host, port, profile, replicas, ray_address, autoscale, gpus_per_replica)
     sockets = _bind(host, port)  # before the model loads: a port in use fails now, not after "serving"
     try:
@@ -64,7 +71,8 @@ def serve(
             folder, model_id = _model_folder(path, profile, model_id)
             progress(f"loading {Path(folder).name} and allocating its cache", 1, 2)
             app = create_app(folder, ServeConfig(max_batch, max_context, api_key or None, threads, model_id,
-                                                 prefix_cache_mb=prefix_cache_mb, prefill_batch=prefill_batch))
+                                                 prefix_cache_mb=prefix_cache_mb, prefill_batch=prefill_batch,
+                                                 speculative=speculative, draft_tokens=draft_tokens))
         _announce(app.state.server, host, port, api_key)
         options = uvicorn_options(os.environ.get("EDGEKIT_LOG_LEVEL", "warning"))  # + a bounded graceful shutdown
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
@@ -160,6 +168,8 @@ def _announce(server, host: str, port: int, api_key: str | None) -> None:
     else:
         mode = f"one request at a time ({server.serial_reason or '--max-batch 1'})"
     cache = f" · cache {server.engine.cache_bytes / 2**20:.0f} MiB" if server.engine.cache_bytes else ""
+    if server.speculator is not None:
+        mode += f" · speculative {server.speculator.choice} (k={server.speculator.draft_tokens}) for a request alone"
     console.print(f"serving [bold]{escape(server.model_id)}[/] on http://{escape(host)}:{port}/v1 · {escape(mode)} · "
                   f"context {server.max_context}{cache}{' · API key required' if api_key else ''}", soft_wrap=True)
     if host not in LOOPBACK and not api_key:

@@ -38,6 +38,7 @@ from edgekit.serve.engine import serving_engine
 from edgekit.serve.metrics import Metrics
 from edgekit.serve.respond import answer
 from edgekit.serve.scheduler import Event, Job, Scheduler
+from edgekit.serve.speculate import check_choice, open_speculator
 from edgekit.tokenizer import load_tokenizer
 from edgekit.types import ExportedGraph
 
@@ -59,6 +60,8 @@ class ServeConfig:
     model_id: str | None = None  # default: the folder's name
     prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # 0: no prefix cache (edgekit.serve.prefix_cache)
     prefill_batch: int | None = None  # prompts prefilled in one forward; default max_batch, 1: one at a time
+    speculative: str | None = None  # ngram | draft:PATH: a row decoding alone speculates (edgekit.serve.speculate)
+    draft_tokens: int | None = None  # proposed per step with speculative (default 4)
 
 
 class Server:
@@ -79,6 +82,7 @@ class Server:
         if config.prefill_batch is not None and config.prefill_batch < 1:
             raise EdgekitError(f"--prefill-batch {config.prefill_batch} must be >= 1",
                                "leave it out (prompts that join together share forwards), or 1: one per forward")
+        check_choice(config.speculative, config.draft_tokens)
         self.engine, self.serial_reason = serving_engine(self.graph, config.max_batch, self.max_context, config.threads,
                                                          config.prefix_cache_mb << 20, config.prefill_batch)
         self.max_context = self.engine.max_context  # the engine's own limit may be lower (a TensorRT plan's)
@@ -88,7 +92,9 @@ class Server:
         self.tool_family = tools.family(source or "", self.graph.model.architecture)
         self.template_takes_tools = source is not None and "tools" in source
         self.metrics = Metrics()
-        self.scheduler = Scheduler(self.engine, self.metrics)
+        self.speculator = (open_speculator(config.speculative, self.engine, config.draft_tokens, config.threads)
+                           if config.speculative else None)
+        self.scheduler = Scheduler(self.engine, self.metrics, self.speculator)
         self.api_key = config.api_key
         self.sink: LoopSink | None = None  # set when the app starts on its event loop
         self.model_id = config.model_id or self.graph.path.name
@@ -270,6 +276,8 @@ def create_app(folder: str | Path, config: ServeConfig | None = None) -> FastAPI
         server.scheduler.start()
         yield
         server.scheduler.stop()
+        if server.speculator is not None:  # a draft model's session
+            server.speculator.close()
 
     app = FastAPI(title="edgekit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server

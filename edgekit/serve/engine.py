@@ -6,6 +6,9 @@ Both expose the same small contract over *rows* 0..n-1 (n active sequences, alwa
     prefill_rows(first, prompts, keep_all) -> Prefilled   prompts joining together, into rows first..
     decode(tokens, lengths) -> (n, vocab)   one token per row; lengths[b] = tokens row b holds before it
     move(src, dst, length)                  copy a row's cache (compaction after a row leaves)
+    verify(row, ids, start, keep) -> (keep, vocab)   ids after the start tokens row holds, that row alone
+    rollback(row, length) -> held           after a verify: keep `length` tokens; -> what the row holds
+                                            (speculative decoding: edgekit.serve.speculate)
 
 Batched cache (``ort`` target, every layer attention, CPU):
 
@@ -82,6 +85,7 @@ class BatchedEngine:
                              if prefix_cache_bytes > 0 else None)
         # per row: states snapshot at block ends while decoding, for `remember` (models with states)
         self._snaps = [{} for _ in range(max_batch)] if self.prefix_cache and self.stateful else None
+        self._verified: tuple = (None, 0, 0, None)  # (row, start, end, states) of the last verify
 
     def _zeros(self, io) -> np.ndarray:
         layer = io.layer
@@ -154,6 +158,26 @@ class BatchedEngine:
                     self._snaps[b][total] = self.states(b)
         return logits
 
+    def verify(self, row: int, ids: list[int], start: int, keep: int) -> np.ndarray:
+        """Feed ``ids`` to ``row`` (which holds ``start`` tokens) alone: the last ``keep`` positions'
+        logits (keep, vocab). A model with fixed-size states keeps the row's states first: they
+        cannot drop positions, so a rollback returns to them."""
+        self._verified = (row, start, start + len(ids), self.states(row) if self.stateful else None)
+        return self.forward(row, [ids], [start], keep)[0, -keep:]
+
+    def rollback(self, row: int, length: int) -> int:
+        """Keep ``length`` tokens of the last verify's row; -> the tokens it holds. Attention rows
+        hold every position written, so any length is kept (what follows is overwritten later);
+        states hold only the end: all kept, or back to the states before the verify."""
+        verified_row, start, end, states = self._verified
+        assert verified_row == row and start <= length <= end, "rollback follows the verify of its row"
+        if states is None or length == end:
+            return length
+        buffers = [past for io, past in zip(self._io, self.past) if not io.layer.has_kv]
+        for buffer, saved in zip(buffers, states):
+            buffer[row] = saved
+        return start
+
     def move(self, src: int, dst: int, length: int) -> None:
         for io, past in zip(self._io, self.past):
             if io.layer.has_kv:
@@ -219,6 +243,15 @@ class SerialEngine:
 
     def decode(self, tokens: list[int], lengths: list[int]) -> np.ndarray:
         return self.session.last_logits(tokens)[None]  # (1, vocab)
+
+    def verify(self, row: int, ids: list[int], start: int, keep: int) -> np.ndarray:
+        """Feed ``ids`` after a checkpoint (the session holds ``start`` tokens): the last ``keep`` rows."""
+        self.session.checkpoint()
+        return self.session.forward(ids)[-keep:]
+
+    def rollback(self, row: int, length: int) -> int:
+        """Back to ``length`` tokens, or as near as the session can (its checkpoint): -> what it holds."""
+        return self.session.rollback(length)
 
     def move(self, src: int, dst: int, length: int) -> None:  # never called with one row
         raise AssertionError("a serial engine has one row")

@@ -92,6 +92,11 @@ class Metrics:
         self.prefix_cache_entries = Gauge("edgekit_prefix_cache_entries", "Blocks the prefix cache holds.")
         self.prefix_cache_evictions = Counter("edgekit_prefix_cache_evictions_total",
                                               "Blocks evicted from the prefix cache (LRU, byte budget).")
+        # speculative decoding (--speculative: edgekit.serve.speculate)
+        self.speculative_proposed = Counter("edgekit_speculative_proposed_tokens_total",
+                                            "Proposed tokens the model checked (--speculative).")
+        self.speculative_accepted = Counter("edgekit_speculative_accepted_tokens_total",
+                                            "Proposed tokens the model kept (--speculative).")
         self.prefill_batch_size = Histogram("edgekit_prefill_batch_size", "Prompts per prefill forward.",
                                             buckets=(1, 2, 4, 8, 16, 32, 64))
 

@@ -5,7 +5,8 @@ Each step of the scheduler thread:
     1. drop cancelled rows (a client that went away) and finished ones; the last row moves into the hole
     2. admit waiting requests in arrival order while rows are free: prefill them together (restoring
        cached prefixes, batching misses where exact: edgekit.serve.prefill), sample each first token
-    3. decode every active row together (batch n), sample each row's next token
+    3. decode every active row together (batch n), sample each row's next token; with a speculator
+       (``serve --speculative``) a row decoding alone verifies proposed tokens instead (edgekit.serve.speculate)
 
 Every request gets a final event: a job whose prefill or sampling fails (a grammar at a dead end)
 ends alone with an error, a failing step fails the rows it ran and the jobs it had taken, and
@@ -182,8 +183,9 @@ def _held(text: str, stops: list[str]) -> int:
 class Scheduler:
     """Owns the engine on one thread; ``submit`` queues a job (FIFO), the loop batches them."""
 
-    def __init__(self, engine: Any, metrics: Metrics | None = None):
+    def __init__(self, engine: Any, metrics: Metrics | None = None, speculator: Any = None):
         self.engine, self.metrics = engine, metrics or Metrics()
+        self.speculator = speculator  # edgekit.serve.speculate: a row decoding alone speculates
         if getattr(engine, "prefix_cache", None) is not None:
             engine.prefix_cache.metrics = self.metrics  # hit tokens, bytes, entries, evictions
         self.waiting: deque[Job] = deque()
@@ -330,6 +332,10 @@ class Scheduler:
 
     def _decode(self) -> None:
         rows = self.active
+        if self.speculator is not None:
+            if len(rows) == 1 and self.speculator.round(rows[0], self.engine, self.metrics):
+                return
+            self.speculator.settle(rows, self.engine)
         tokens = [job.token_ids[-1] for job in rows]
         logits = self.engine.decode(tokens, [job.length for job in rows])  # (n, vocab)
         for job, row in zip(rows, logits):

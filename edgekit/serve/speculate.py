@@ -1,0 +1,117 @@
+"""Speculative decoding in ``edgekit serve`` (``--speculative ngram|draft:PATH``): per request, while
+its row decodes alone.
+
+    one row active, no grammar  ─propose k─ verify(pending + drafts) in one forward of that row
+                                 ─accept (greedy: longest agreeing prefix; sampled: the rejection rule)
+                                 ─rollback─ the tokens it keeps, then the target's own
+    two or more rows             plain batched decode, one token per row (a row left behind by a
+                                 rollback catches up first)
+
+Why only alone: the ``ort`` engine's GroupQueryAttention takes several tokens per row only for one
+row with a past, so speculating rows of a batch would each need their own forward, and a batched
+step reads the weights once for every row (benchmarks/SPECULATIVE.md measures both). Greedy output
+is exactly plain decoding's; sampled output has the target's distribution (edgekit.speculative.verify).
+A request with a grammar (json_schema, tools) decodes plainly: its mask depends on each token before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekit.errors import EdgekitError
+from edgekit.speculative import DEFAULT_DRAFT_TOKENS
+from edgekit.speculative.verify import accept_greedy, accept_sampled
+
+SERVED = "ngram or draft:PATH"
+
+
+def check_choice(choice: str | None, draft_tokens: int | None) -> None:
+    """Refuse, before anything loads, options speculation in serve cannot take."""
+    if choice is None:
+        if draft_tokens is not None:
+            raise EdgekitError("--draft-tokens applies with --speculative", "add --speculative ngram (or draft:PATH)")
+        return
+    if choice == "mtp":
+        raise EdgekitError("--speculative mtp is not served: the batched engine does not return the hidden "
+                           "states the MTP head reads", f"serve with --speculative {SERVED}; `edgekit run "
+                           "--speculative mtp` runs the head")
+    if choice != "ngram" and not (choice.startswith("draft:") and len(choice) > len("draft:")):
+        raise EdgekitError(f"--speculative {choice!r} is not a proposer", f"use {SERVED}")
+    if draft_tokens is not None and draft_tokens < 1:
+        raise EdgekitError(f"--draft-tokens {draft_tokens} must be >= 1", "e.g. --draft-tokens 4")
+
+
+def open_speculator(choice: str, engine: Any, draft_tokens: int | None, threads: int | None) -> "Speculator":
+    """The speculator ``--speculative`` names, over ``engine``'s model (a draft's tokenizer is checked)."""
+    from edgekit.speculative import open_proposer
+
+    check_choice(choice, draft_tokens)
+    return Speculator(open_proposer(choice, engine.session, threads=threads), draft_tokens or DEFAULT_DRAFT_TOKENS,
+                      choice)
+
+
+class Speculator:
+    """Speculative rounds for a row decoding alone; ``proposed`` / ``accepted`` count over the server."""
+
+    def __init__(self, proposer: Any, draft_tokens: int = DEFAULT_DRAFT_TOKENS, choice: str = ""):
+        self.proposer, self.draft_tokens, self.choice = proposer, draft_tokens, choice
+        self._job: Any = None  # the job the proposer follows (a draft model's cache holds its text)
+
+    def round(self, job: Any, engine: Any, metrics: Any) -> bool:
+        """One verify step of ``job`` in row 0; False when plain decode should run instead (nothing
+        proposed and nothing to catch up, or a request with a grammar)."""
+        if job.processor is not None:
+            return False
+        context = job.prompt_ids + job.token_ids
+        if job is not self._job:  # a new request: the proposer starts afresh (a draft empties its cache)
+            self._job = job
+            if hasattr(self.proposer, "sampling"):  # a draft samples as the request does
+                self.proposer.sampling = job.sampling
+            self.proposer.observe(context, 0, None)
+        room = job.max_tokens - len(job.token_ids) - 1  # the round's own token takes one
+        k = min(self.draft_tokens, room)
+        proposal = self.proposer.propose(context, k) if k > 0 else None
+        drafts = proposal.tokens[:k] if proposal is not None else []
+        pending = context[job.length:]  # committed, not in the cache: the newest token, or more after a rollback
+        if not drafts and len(pending) == 1:
+            return False
+        cached = job.length
+        rows = engine.verify(0, pending + drafts, cached, len(drafts) + 1)  # (len(drafts) + 1, vocab)
+        if job.sampling.greedy:
+            kept, token = accept_greedy(rows, drafts)
+        else:
+            probs = proposal.probs[:k] if proposal is not None and proposal.probs is not None else None
+            kept, token = accept_sampled(rows, drafts, probs, job.sampling, job.rng)
+        job.length = engine.rollback(0, cached + len(pending) + kept)
+        new = [*drafts[:kept], token]
+        self.proposer.observe(context + new, cached, None)
+        metrics.speculative_proposed.inc(len(drafts))
+        metrics.speculative_accepted.inc(kept)
+        _commit(job, new, rows, metrics)
+        return True
+
+    def settle(self, jobs: list[Any], engine: Any) -> None:
+        """Before a plain batched step: a row a rollback left more than one token behind is fed up to
+        its newest token (plain decode feeds exactly one per row)."""
+        for row, job in enumerate(jobs):
+            behind = (job.prompt_ids + job.token_ids)[job.length:-1]
+            if behind:
+                engine.verify(row, behind, job.length, 1)
+                job.length = engine.rollback(row, job.length + len(behind))
+
+    def close(self) -> None:
+        close = getattr(self.proposer, "close", None)
+        if close is not None:
+            close()
+
+
+def _commit(job: Any, tokens: list[int], rows: Any, metrics: Any) -> None:
+    """Accept ``tokens`` (row i of ``rows`` predicted token i) until the job finishes."""
+    from edgekit.serve.logprobs import entry, log_softmax
+
+    for token, logits in zip(tokens, rows):
+        if job.logprobs is not None:
+            job.token_logprobs.append(entry(log_softmax(logits), token, job.logprobs))
+        job.accept(token, metrics)
+        if job.finish_reason is not None:
+            return
