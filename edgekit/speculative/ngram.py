@@ -1,7 +1,10 @@
 """Prompt lookup: propose what followed the latest earlier occurrence of the text's last n tokens.
 
 No model: on code-editing prompts ("rename this variable in this function") the answer repeats
-long runs of the prompt, and each run is proposed whole.
+long runs of the prompt, and each run is proposed whole. A match that runs into the end of the
+text continues as a copy of itself (LZ77's overlapping copy): text that repeats a short period
+(an indentation run, a separator line, a model looping) is proposed k tokens at a time, where a
+bounded copy would propose one period.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from edgekit.speculative.base import Proposal
 class NgramProposer:
     """Match the last ``max_ngram`` .. ``min_ngram`` tokens of the context, longest first."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, overlap: bool = True):
+        self.max_ngram, self.min_ngram, self.overlap = max_ngram, min_ngram, overlap
 
     def propose(self, context: list[int], k: int) -> Proposal:
         """Up to ``k`` tokens that followed the most recent earlier match of the context's tail."""
@@ -25,8 +28,11 @@ class NgramProposer:
         for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
             start = _last_match(ids, n)
             if start is not None:
-                follow = ids[start + n: start + n + k]
-                return Proposal([int(t) for t in follow])
+                follow = [int(t) for t in ids[start + n: start + n + k]]
+                period = len(ids) - (start + n)  # the match repeats the text from this far back
+                while self.overlap and len(follow) < k:
+                    follow.append(follow[len(follow) - period])
+                return Proposal(follow)
         return Proposal([])
 
     def observe(self, context: list[int], first_position: int, hidden: np.ndarray | None) -> None:
