@@ -97,7 +97,7 @@ def test_cli_refuses_a_context_beyond_the_model(exported):
     with pytest.raises(EdgekitError, match="--max-context"):
         serve(exported("Qwen3ForCausalLM", "ort"), host="127.0.0.1", port=8000, max_batch=4, max_context=10**7,
               api_key=None, threads=1, profile=None, model_id=None, prefix_cache_mb=0, prefill_batch=None,
-              replicas=None, ray_address=None, autoscale=None, gpus_per_replica=0.0)
+              replicas=None, ray_address=None, autoscale=None, gpus_per_replica=0.0, speculative=None, draft_tokens=None)
 
 
 def test_cli_binds_loopback_by_default():
