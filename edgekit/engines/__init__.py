@@ -20,7 +20,7 @@ from edgekit._files import atomic_dir, check_output, sha256_file
 from edgekit.engines.plan import BuildPlan, BuildRefused, QuantOptions, make_plan
 from edgekit.profiles import load_profile
 from edgekit.quantize import Progress
-from edgekit.types import SCHEMA_VERSION, SIDECAR, Engine, ExportedGraph
+from edgekit.types import MTP_FOLDER, SCHEMA_VERSION, SIDECAR, Engine, ExportedGraph
 
 __all__ = ["BuildPlan", "BuildRefused", "QuantOptions", "build_engine", "environment_problems", "plan_build"]
 
@@ -74,6 +74,8 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
             built["graph"] = made
         for name in graph.tokenizer_files:
             shutil.copy(graph.path / name, tmp / name)
+        if (graph.path / MTP_FOLDER / SIDECAR).is_file():  # the MTP head (export --mtp) proposes beside the build
+            shutil.copytree(graph.path / MTP_FOLDER, tmp / MTP_FOLDER)
         _write_sidecar(graph, plan, built, tmp, contract)
         if quality_text is not None and graph_only:
             _record_cpu_quality(graph, plan, tmp, quality_text, progress)

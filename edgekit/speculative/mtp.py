@@ -29,7 +29,7 @@ def open_mtp(session, sampling: Sampling = Sampling(), threads: int | None = Non
         raise ArtifactError(f"{session.graph.path} has no MTP head ({folder} is missing)", hint)
     if HIDDEN_OUTPUT not in {t.name for t in session.graph.outputs} or not hasattr(session, "hidden"):
         raise ArtifactError(f"{session.graph.path} does not output its hidden states, which the MTP head reads "
-                            "(MTP runs on ONNX Runtime sessions of an export for now)", hint)
+                            "(MTP runs on ONNX Runtime sessions, of an export or a build)", hint)
     # The head's folder is an ordinary export (one attention layer): it runs as an ort-cpu engine.
     return MtpProposer(open_engine(folder, threads=threads), sampling, sampling.seed)
 

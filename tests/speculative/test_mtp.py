@@ -79,6 +79,22 @@ def test_greedy_mtp_matches_plain_and_the_target_accepts_most_proposals(mtp_expo
     assert rate >= 0.6  # the issue's goal; measured 43/47 = 0.915 (benchmarks/SPECULATIVE.md)
 
 
+def test_a_build_carries_the_head_and_speculates_as_its_export(mtp_export, code_prompts, tmp_path):
+    """`edgekit build` copies mtp/ beside the built graph, which keeps the hidden-state output:
+    greedy MTP on the (int4) build gives the build's plain tokens, and the head's proposals are kept."""
+    from edgekit.engines import build_engine
+
+    build = build_engine(mtp_export, "cpu-x86-64", tmp_path / "build")
+    assert (build.path / "mtp" / "edgekit.json").is_file()
+    session = open_engine(build.path)
+    proposed = accepted = 0
+    for prompt in code_prompts:
+        result = generate_speculative(session, prompt, 24, open_mtp(session), 2)
+        assert result.token_ids == generate(session, prompt, 24).token_ids
+        proposed, accepted = proposed + result.proposed, accepted + result.accepted
+    assert accepted / proposed >= 0.5
+
+
 def test_sampled_mtp_keeps_proposals_and_repeats_under_a_seed(mtp_export, code_prompts):
     session = open_engine(mtp_export)
 
