@@ -23,6 +23,8 @@ TARGETS = ("ort", "portable", "decomposed")
 MTP_FOLDER = "mtp"
 HIDDEN_OUTPUT = "hidden_states"  # the target's final-norm output (also the MTP graph's), (batch, seq, hidden)
 HIDDEN_INPUT = "target_hidden_states"  # the MTP graph's input of the target's hidden rows
+# A draft model for speculative decoding travels the same way: `build --draft DRAFT` copies it here.
+DRAFT_FOLDER = "draft"
 DTYPES = ("fp32", "fp16", "bf16")
 
 

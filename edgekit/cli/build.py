@@ -53,6 +53,9 @@ def build(
     strip_weights: bool = typer.Option(False, "--strip-weights", help=(
         "TensorRT: a plan without its weights, refitted at load from the export (one copy of the weights "
         "serves plans for several GPUs in a bundle).")),
+    draft: Path = typer.Option(None, "--draft", help=(
+        "A smaller model's export or build with the same tokenizer, carried in OUT/draft for "
+        "`run/serve --speculative draft` (bundles of OUT carry it too).")),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON: the build's sidecar (with --dry-run: the plan)."),
 ) -> None:
@@ -78,7 +81,7 @@ def build(
     with progress_bar(enabled=not json_out) as progress:
         engine = build_engine(export_dir, profile, out, runtime=runtime, precision=precision, force=force, quant=q,
                               quality_text=quality, on_progress=progress, strip_weights=strip_weights,
-                              graph_only=graph_only)
+                              graph_only=graph_only, draft=draft)
     if json_out:
         print_json(engine.details)
         return

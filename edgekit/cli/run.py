@@ -30,8 +30,9 @@ def run(
         "Keep the weights memory-mapped (no private copy; slower int4). Default: only when they exceed "
         "80% of available memory.")),
     speculative: str = typer.Option(None, "--speculative", help=(
-        "Speculative decoding: ngram (prompt lookup), draft:PATH (a smaller export, same tokenizer) or mtp "
-        "(the model's own MTP head: export --mtp). Same output when greedy, same distribution when sampling.")),
+        "Speculative decoding: ngram (prompt lookup), draft:PATH (a smaller export, same tokenizer), draft (the "
+        "one a build carries: build --draft) or mtp (the model's own MTP head: export --mtp). Same output when "
+        "greedy, same distribution when sampling.")),
     draft_tokens: int = typer.Option(None, "--draft-tokens", help="Tokens proposed per step with --speculative (default 4)."),
 ) -> None:
     """Generate from PROMPT with the exported model (greedy unless a sampling option is given)."""

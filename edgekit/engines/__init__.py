@@ -20,7 +20,7 @@ from edgekit._files import atomic_dir, check_output, sha256_file
 from edgekit.engines.plan import BuildPlan, BuildRefused, QuantOptions, make_plan
 from edgekit.profiles import load_profile
 from edgekit.quantize import Progress
-from edgekit.types import MTP_FOLDER, SCHEMA_VERSION, SIDECAR, Engine, ExportedGraph
+from edgekit.types import DRAFT_FOLDER, MTP_FOLDER, SCHEMA_VERSION, SIDECAR, Engine, ExportedGraph
 
 __all__ = ["BuildPlan", "BuildRefused", "QuantOptions", "build_engine", "environment_problems", "plan_build"]
 
@@ -39,7 +39,7 @@ def plan_build(export_dir: str | Path, profile: str | Path, runtime: str | None 
 def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, runtime: str | None = None,
                  precision: str | None = None, force: bool = False, quant: QuantOptions | None = None,
                  quality_text: str | Path | None = None, on_progress: Progress | None = None,
-                 strip_weights: bool = False, graph_only: bool = False) -> Engine:
+                 strip_weights: bool = False, graph_only: bool = False, draft: str | Path | None = None) -> Engine:
     """Build ``export_dir`` for ``profile`` into ``out``; returns the ``Engine``.
 
     ``quant`` picks weight-only quantization (default: the profile's, on CPU profiles, unless
@@ -48,15 +48,19 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
     measured on that text and recorded in the sidecar as ``build.quality``.
     ``on_progress(what, done, total)`` follows the long steps (total 0: a step of unknown length).
     ``graph_only`` (GPU profiles): write and check the graph the runtime would get, without it.
+    ``draft``: an export or build of a smaller model with the same tokenizer, copied into the build's
+    ``draft/`` (``run`` / ``serve --speculative draft`` use it; bundles carry it with the engine).
     """
     progress = on_progress or (lambda what, done, total: None)
     out = Path(out)
     # Nothing the build reads may sit inside what --force replaces.
-    inputs = [export_dir, quality_text, (quant or QuantOptions()).calibration,
+    inputs = [export_dir, quality_text, (quant or QuantOptions()).calibration, draft,
               profile if Path(str(profile)).suffix == ".toml" else None]
     check_output(out, force, "build", inputs=[p for p in inputs if p is not None])
     plan = plan_build(export_dir, profile, runtime, precision, quant, strip_weights)
     graph = ExportedGraph.load(export_dir)
+    if draft is not None:
+        _check_draft(graph, Path(draft))
     if graph_only:
         _check_graph_only(plan, quality_text)
     else:
@@ -76,12 +80,24 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
             shutil.copy(graph.path / name, tmp / name)
         if (graph.path / MTP_FOLDER / SIDECAR).is_file():  # the MTP head (export --mtp) proposes beside the build
             shutil.copytree(graph.path / MTP_FOLDER, tmp / MTP_FOLDER)
+        if draft is not None:
+            shutil.copytree(draft, tmp / DRAFT_FOLDER, ignore=shutil.ignore_patterns(DRAFT_FOLDER, MTP_FOLDER))
         _write_sidecar(graph, plan, built, tmp, contract)
         if quality_text is not None and graph_only:
             _record_cpu_quality(graph, plan, tmp, quality_text, progress)
         elif quality_text is not None:
             _record_quality(graph, tmp, quality_text, progress)
     return Engine.load(out)
+
+
+def _check_draft(graph: ExportedGraph, draft: Path) -> None:
+    """A draft must be an export or build of a model with the target's tokenizer (and context)."""
+    from edgekit.speculative.draft import check_same_tokenizer
+
+    if not (draft / SIDECAR).is_file():
+        raise BuildRefused(f"--draft {draft} is not an export or build folder (no {SIDECAR})",
+                           "pass a folder made by edgekit export or edgekit build")
+    check_same_tokenizer(graph, ExportedGraph.load(draft))
 
 
 def _copy_export_model(graph: ExportedGraph, out: Path) -> None:

@@ -22,7 +22,7 @@ from edgekit.errors import EdgekitError
 from edgekit.speculative import DEFAULT_DRAFT_TOKENS
 from edgekit.speculative.verify import accept_greedy, accept_sampled
 
-SERVED = "ngram or draft:PATH"
+SERVED = "ngram, draft:PATH or draft (the one a build carries)"
 
 
 def check_choice(choice: str | None, draft_tokens: int | None) -> None:
@@ -35,7 +35,7 @@ def check_choice(choice: str | None, draft_tokens: int | None) -> None:
         raise EdgekitError("--speculative mtp is not served: the batched engine does not return the hidden "
                            "states the MTP head reads", f"serve with --speculative {SERVED}; `edgekit run "
                            "--speculative mtp` runs the head")
-    if choice != "ngram" and not (choice.startswith("draft:") and len(choice) > len("draft:")):
+    if choice not in ("ngram", "draft") and not (choice.startswith("draft:") and len(choice) > len("draft:")):
         raise EdgekitError(f"--speculative {choice!r} is not a proposer", f"use {SERVED}")
     if draft_tokens is not None and draft_tokens < 1:
         raise EdgekitError(f"--draft-tokens {draft_tokens} must be >= 1", "e.g. --draft-tokens 4")

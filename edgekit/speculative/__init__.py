@@ -134,7 +134,8 @@ class _Clock:
         return False
 
 
-PROPOSER_CHOICES = "ngram, draft:PATH (an export or build with the same tokenizer) or mtp"
+PROPOSER_CHOICES = ("ngram, draft:PATH (an export or build with the same tokenizer), draft (the one a build "
+                    "carries: build --draft) or mtp")
 
 
 def open_proposer(choice: str, session, sampling: Sampling = Sampling(), threads: int | None = None) -> Proposer:
@@ -145,11 +146,12 @@ def open_proposer(choice: str, session, sampling: Sampling = Sampling(), threads
         from edgekit.speculative.ngram import NgramProposer
 
         return NgramProposer()
-    if choice.startswith("draft:") and len(choice) > len("draft:"):
+    if choice == "draft" or choice.startswith("draft:") and len(choice) > len("draft:"):
         from edgekit.runtimes.registry import open_engine
         from edgekit.speculative.draft import DraftProposer, check_same_tokenizer
 
-        draft = open_engine(Path(choice.removeprefix("draft:")), threads=threads)
+        draft = open_engine(carried_draft(session) if choice == "draft" else Path(choice.removeprefix("draft:")),
+                            threads=threads)
         check_same_tokenizer(session.graph, draft.graph)
         return DraftProposer(draft, sampling, sampling.seed)
     if choice == "mtp":
@@ -157,3 +159,18 @@ def open_proposer(choice: str, session, sampling: Sampling = Sampling(), threads
 
         return open_mtp(session, sampling, threads)
     raise EdgekitError(f"--speculative {choice!r} is not a proposer", f"use {PROPOSER_CHOICES}")
+
+
+def carried_draft(session):
+    """The draft model inside ``session``'s folder (``build --draft``), or an error saying how to add one."""
+    from pathlib import Path
+
+    from edgekit.errors import ArtifactError
+    from edgekit.types import DRAFT_FOLDER, SIDECAR
+
+    folder = Path(session.graph.path) / DRAFT_FOLDER
+    if not (folder / SIDECAR).is_file():
+        raise ArtifactError(f"{session.graph.path} carries no draft model ({folder} is missing)",
+                            "build it with one (edgekit build EXPORT --profile P -o OUT --draft DRAFT), "
+                            "or pass --speculative draft:PATH")
+    return folder

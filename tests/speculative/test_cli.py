@@ -65,6 +65,38 @@ def test_a_draft_with_a_shorter_context_is_refused(exported, tmp_path):
                    "hint: use a draft with at least the target's context length")
 
 
+def test_a_build_carries_its_draft_into_a_bundle(exported, tmp_path):
+    """`build --draft` copies the draft into BUILD/draft; the bundle carries it; `run BUNDLE --speculative
+    draft` opens it from the unpacked engine and prints plain decoding's tokens."""
+    target, draft = exported("Qwen3ForCausalLM", "ort"), exported("LlamaForCausalLM", "ort")
+    build, bundle = tmp_path / "build", tmp_path / "model.edgepkg"
+    done = edgekit("build", str(target), "--profile", "cpu-x86-64", "-o", str(build), "--draft", str(draft))
+    assert done.returncode == 0, done.stderr
+    assert (build / "draft" / "edgekit.json").is_file()
+    assert edgekit("package", str(build), "-o", str(bundle)).returncode == 0
+    plain = run_json(str(bundle), "--prompt", PROMPT)
+    fast = run_json(str(bundle), "--prompt", PROMPT, "--speculative", "draft")
+    assert fast["token_ids"] == plain["token_ids"] and fast["speculative"]["proposed"] > 0
+
+
+def test_a_folder_without_a_draft_and_a_bad_draft_are_refused(exported, tmp_path):
+    target = exported("Qwen3ForCausalLM", "ort")
+    assert_refused(edgekit("run", str(target), "--prompt", "x", "--speculative", "draft"),
+                   f"error: {target} carries no draft model ({target / 'draft'} is missing)",
+                   "hint: build it with one (edgekit build EXPORT --profile P -o OUT --draft DRAFT)")
+    out = tmp_path / "build"
+    assert_refused(edgekit("build", str(target), "--profile", "cpu-x86-64", "-o", str(out), "--draft", str(tmp_path)),
+                   f"error: --draft {tmp_path} is not an export or build folder (no edgekit.json)")
+    short = tmp_path / "short-context"
+    shutil.copytree(exported("LlamaForCausalLM", "ort"), short)
+    sidecar = json.loads((short / "edgekit.json").read_text())
+    sidecar["model"]["max_position_embeddings"] = 64
+    (short / "edgekit.json").write_text(json.dumps(sidecar))
+    assert_refused(edgekit("build", str(target), "--profile", "cpu-x86-64", "-o", str(out), "--draft", str(short)),
+                   f"error: draft {short} holds 64 positions")
+    assert not out.exists()  # refused before anything is written
+
+
 def test_run_closes_the_proposer_also_when_generation_fails(exported, monkeypatch):
     """The draft's session (device memory on a GPU runtime) is freed whether the run succeeds or not."""
     from typer.testing import CliRunner
