@@ -165,6 +165,14 @@ class BatchedEngine:
         self._verified = (row, start, start + len(ids), self.states(row) if self.stateful else None)
         return self.forward(row, [ids], [start], keep)[0, -keep:]
 
+    def verify_room(self, start: int) -> int | None:
+        """Tokens a verify from ``start`` may feed: up to the next block end, where a model with states
+        is snapshot for the prefix cache (as decode snapshots it); None: any number."""
+        if self._snaps is None:
+            return None
+        block = self.prefix_cache.block
+        return (start // block + 1) * block - start
+
     def rollback(self, row: int, length: int) -> int:
         """Keep ``length`` tokens of the last verify's row; -> the tokens it holds. Attention rows
         hold every position written, so any length is kept (what follows is overwritten later);
@@ -172,6 +180,8 @@ class BatchedEngine:
         verified_row, start, end, states = self._verified
         assert verified_row == row and start <= length <= end, "rollback follows the verify of its row"
         if states is None or length == end:
+            if states is not None and self._snaps is not None and end % self.prefix_cache.block == 0:
+                self._snaps[row][end] = self.states(row)  # as decode does at a block end
             return length
         buffers = [past for io, past in zip(self._io, self.past) if not io.layer.has_kv]
         for buffer, saved in zip(buffers, states):

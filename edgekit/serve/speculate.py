@@ -63,24 +63,16 @@ class Speculator:
         if job.processor is not None:
             return False
         context = job.prompt_ids + job.token_ids
-        if job is not self._job:  # a new request: the proposer starts afresh (a draft empties its cache)
-            self._job = job
-            if hasattr(self.proposer, "sampling"):  # a draft samples as the request does
-                self.proposer.sampling = job.sampling
-            self.proposer.observe(context, 0, None)
-        room = job.max_tokens - len(job.token_ids) - 1  # the round's own token takes one
-        k = min(self.draft_tokens, room)
-        proposal = self.proposer.propose(context, k) if k > 0 else None
-        drafts = proposal.tokens[:k] if proposal is not None else []
-        pending = context[job.length:]  # committed, not in the cache: the newest token, or more after a rollback
+        cached = job.length
+        pending = context[cached:]  # committed, not in the cache: the newest token, or more after a rollback
+        drafts, probs = self._propose(job, context, engine.verify_room(cached) if hasattr(engine, "verify_room")
+                                      else None, len(pending))
         if not drafts and len(pending) == 1:
             return False
-        cached = job.length
         rows = engine.verify(0, pending + drafts, cached, len(drafts) + 1)  # (len(drafts) + 1, vocab)
         if job.sampling.greedy:
             kept, token = accept_greedy(rows, drafts)
         else:
-            probs = proposal.probs[:k] if proposal is not None and proposal.probs is not None else None
             kept, token = accept_sampled(rows, drafts, probs, job.sampling, job.rng)
         job.length = engine.rollback(0, cached + len(pending) + kept)
         new = [*drafts[:kept], token]
@@ -88,7 +80,27 @@ class Speculator:
         metrics.speculative_proposed.inc(len(drafts))
         metrics.speculative_accepted.inc(kept)
         _commit(job, new, rows, metrics)
+        text = len(job.prompt_ids) + len(job.token_ids)
+        if job.length > text:  # it ended inside the kept proposals: the cache holds exactly its text again
+            job.length = engine.rollback(0, text)
         return True
+
+    def _propose(self, job: Any, context: list[int], room: int | None, pending: int) -> tuple[list[int], Any]:
+        """(draft tokens, their distributions or None) for ``job``: at most what its max_tokens leaves
+        after the round's own token, and what the verify may feed (``room``, less the pending tokens)."""
+        if job is not self._job:  # a new request: the proposer starts afresh (a draft empties its cache)
+            self._job = job
+            if hasattr(self.proposer, "sampling"):  # a draft samples as the request does
+                self.proposer.sampling = job.sampling
+            self.proposer.observe(context, 0, None)
+        k = min(self.draft_tokens, job.max_tokens - len(job.token_ids) - 1)
+        if room is not None:  # the verify ends by a block end: the prefix cache's snapshot of states
+            k = min(k, room - pending)
+        if k <= 0:
+            return [], None
+        proposal = self.proposer.propose(context, k)
+        drafts = proposal.tokens[:k]
+        return drafts, proposal.probs[:len(drafts)] if proposal.probs is not None else None
 
     def settle(self, jobs: list[Any], engine: Any) -> None:
         """Before a plain batched step: a row a rollback left more than one token behind is fed up to

@@ -102,6 +102,50 @@ def test_a_row_alone_speculates_and_rows_that_join_decode_exactly(exported, arch
 
 
 @pytest.mark.parametrize("architecture", ["Qwen3ForCausalLM", "Qwen3_5ForCausalLM"])
+def test_an_end_inside_the_kept_proposals_leaves_a_cache_the_next_turn_resumes(exported, architecture):
+    """A request ends at an end-of-sequence id among the proposals it kept: the row's cache held more
+    than its text, so it is rolled back to the text before the prefix cache keeps it (a Gated DeltaNet
+    snapshot must be the states of exactly that text). The next turn resumes from it exactly."""
+    graph = ExportedGraph.load(exported(architecture, "ort"))
+    engine = BatchedEngine(open_engine(graph.path, threads=1), 2, 256, prefix_cache_bytes=1 << 24, prefix_block=4)
+    prompt = [3, 17, 42, 7, 99, 100, 5, 64, 12, 8, 250]
+    reference = references(graph, [prompt], 12)[tuple(prompt)]
+    end = next(i for i in range(2, 5) if reference[i] not in reference[:i])  # a kept proposal, seen once
+    first = Job(prompt, 12, Sampling(temperature=0), (reference[end],), [], None, lambda e: None)
+    scheduler = Scheduler(engine, speculator=Speculator(Scripted({tuple(prompt): reference}), draft_tokens=4))
+    scheduler.speculator.proposer.calls = 2  # the first round's proposal is exact: every token kept
+    scheduler.submit(first)
+    step_until_done(scheduler)
+    assert first.token_ids == reference[:end + 1] and first.finish_reason == "stop"
+    follow = prompt + first.token_ids + [9, 10]
+    second = job(follow, 6)
+    scheduler.submit(second)
+    step_until_done(scheduler)
+    assert engine.prefix_cache.hit_tokens > len(prompt)  # the second turn resumed after the first reply
+    assert second.token_ids == generate(open_engine(graph.path, threads=1), follow, 6).token_ids
+
+
+def test_speculating_states_are_snapshot_at_block_ends_for_the_prefix_cache(exported):
+    """A Gated DeltaNet row is snapshot where a block ends (decode does so every step): a verify is cut
+    to end there, so a later prompt sharing the reply up to that block end resumes from it."""
+    graph = ExportedGraph.load(exported("Qwen3_5ForCausalLM", "ort"))
+    engine = BatchedEngine(open_engine(graph.path, threads=1), 2, 256, prefix_cache_bytes=1 << 24, prefix_block=4)
+    prompt = [3, 17, 42, 7, 99, 100, 5, 64, 12, 8, 250]
+    reference = references(graph, [prompt], 12)[tuple(prompt)]
+    proposer = Scripted({tuple(prompt): reference})
+    proposer.calls = -10**6 * 3  # calls % 3 == 0 for a while: every proposal exact
+    scheduler = Scheduler(engine, speculator=Speculator(proposer, draft_tokens=4))
+    scheduler.submit(job(prompt, 12))
+    step_until_done(scheduler)
+    follow = (prompt + reference)[:16] + [9, 10]  # block ends at 4, 8, 12, 16: 16 is inside the reply
+    second = job(follow, 5)
+    scheduler.submit(second)
+    step_until_done(scheduler)
+    assert engine.prefix_cache.hit_tokens == 16
+    assert second.token_ids == generate(open_engine(graph.path, threads=1), follow, 5).token_ids
+
+
+@pytest.mark.parametrize("architecture", ["Qwen3ForCausalLM", "Qwen3_5ForCausalLM"])
 def test_a_serial_engine_speculates_each_request(exported, architecture):
     graph = ExportedGraph.load(exported(architecture, "portable"))
     engine, reason = serving_engine(graph, max_batch=4, max_context=128, threads=1)
