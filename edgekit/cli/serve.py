@@ -45,8 +45,9 @@ def serve(
         "GPUs Ray reserves for each replica (e.g. 1 for a CUDA or TensorRT engine).")),
     speculative: str = typer.Option(None, "--speculative", help=(
         "Speculative decoding for a request decoding alone: ngram (prompt lookup), draft:PATH (a smaller "
-        "export with the same tokenizer) or draft (the one a build carries: build --draft). Greedy output is "
-        "unchanged; sampling keeps the model's distribution.")),
+        "export with the same tokenizer), draft (the one a build carries: build --draft) or mtp (the model's "
+        "MTP head, export --mtp: one request at a time). Greedy output is unchanged; sampling keeps the "
+        "model's distribution.")),
     draft_tokens: int = typer.Option(None, "--draft-tokens", help="Tokens proposed per step with --speculative (default 4)."),
 ) -> None:
     """Serve PATH over HTTP with OpenAI-compatible /v1/completions and /v1/chat/completions."""

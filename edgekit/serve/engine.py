@@ -238,6 +238,11 @@ class SerialEngine:
     def __init__(self, session: Any, max_context: int):
         self.session, self.graph, self.max_context = session, session.graph, max_context
 
+    @property
+    def hidden(self) -> np.ndarray | None:
+        """The last forward's hidden rows (S, hidden) on a graph that outputs them (MTP), else None."""
+        return getattr(self.session, "hidden", None)
+
     def prefill(self, row: int, ids: list[int], keep_all: bool = False) -> np.ndarray:
         """The prompt's last logits (vocab,), or with ``keep_all`` every position's (S, vocab)."""
         self.session.reset(self.max_context)
@@ -284,8 +289,9 @@ def rotary_in_kernel(graph: ExportedGraph) -> bool:
 
 
 def serving_engine(graph: ExportedGraph, max_batch: int, max_context: int, threads: int | None = None,
-                   prefix_cache_bytes: int = 0, prefill_batch: int | None = None) -> Any:
-    """The batched engine when the graph allows it and ``max_batch`` > 1, else the serial one.
+                   prefix_cache_bytes: int = 0, prefill_batch: int | None = None, serial: str | None = None) -> Any:
+    """The batched engine when the graph allows it and ``max_batch`` > 1, else the serial one
+    (``serial``: a reason to serve one request at a time whatever the graph allows).
 
     Returns the engine and, for a serial one, why it is not batched (None otherwise).
     """
@@ -294,7 +300,7 @@ def serving_engine(graph: ExportedGraph, max_batch: int, max_context: int, threa
     session = open_engine(graph.path, threads=threads)
     # A TensorRT plan holds the profile's context, which may be less than the model's.
     max_context = min(max_context, getattr(session, "max_context", max_context))
-    reason = batching_unsupported(session) if max_batch > 1 else None
+    reason = (serial or batching_unsupported(session)) if max_batch > 1 else None
     if max_batch > 1 and reason is None:
         engine = BatchedEngine(session, max_batch, max_context, prefix_cache_bytes, prefill_batch=prefill_batch)
         return engine, None

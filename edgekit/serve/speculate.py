@@ -12,17 +12,22 @@ row with a past, so speculating rows of a batch would each need their own forwar
 step reads the weights once for every row (benchmarks/SPECULATIVE.md measures both). Greedy output
 is exactly plain decoding's; sampled output has the target's distribution (edgekit.speculative.verify).
 A request with a grammar (json_schema, tools) decodes plainly: its mask depends on each token before.
+
+``mtp`` reads the target's hidden state at every committed position, which the batched engine does not
+return: a server speculating with the MTP head runs the serial engine (one request at a time, every
+step a verify that feeds the head), as the one-user device it is for.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, InternalError
 from edgekit.speculative import DEFAULT_DRAFT_TOKENS
 from edgekit.speculative.verify import accept_greedy, accept_sampled
 
-SERVED = "ngram, draft:PATH or draft (the one a build carries)"
+SERVED = "ngram, draft:PATH, draft (the one a build carries) or mtp (the model's MTP head: export --mtp)"
+HIDDEN_CHOICES = ("mtp",)  # proposers that read the target's hidden states: served by the serial engine
 
 
 def check_choice(choice: str | None, draft_tokens: int | None) -> None:
@@ -31,11 +36,7 @@ def check_choice(choice: str | None, draft_tokens: int | None) -> None:
         if draft_tokens is not None:
             raise EdgekitError("--draft-tokens applies with --speculative", "add --speculative ngram (or draft:PATH)")
         return
-    if choice == "mtp":
-        raise EdgekitError("--speculative mtp is not served: the batched engine does not return the hidden "
-                           "states the MTP head reads", f"serve with --speculative {SERVED}; `edgekit run "
-                           "--speculative mtp` runs the head")
-    if choice not in ("ngram", "draft") and not (choice.startswith("draft:") and len(choice) > len("draft:")):
+    if choice not in ("ngram", "draft", "mtp") and not (choice.startswith("draft:") and len(choice) > len("draft:")):
         raise EdgekitError(f"--speculative {choice!r} is not a proposer", f"use {SERVED}")
     if draft_tokens is not None and draft_tokens < 1:
         raise EdgekitError(f"--draft-tokens {draft_tokens} must be >= 1", "e.g. --draft-tokens 4")
@@ -46,6 +47,8 @@ def open_speculator(choice: str, engine: Any, draft_tokens: int | None, threads:
     from edgekit.speculative import open_proposer
 
     check_choice(choice, draft_tokens)
+    if choice in HIDDEN_CHOICES and engine.max_batch > 1:
+        raise InternalError(f"--speculative {choice} reads hidden states: it needs the serial engine")
     return Speculator(open_proposer(choice, engine.session, threads=threads), draft_tokens or DEFAULT_DRAFT_TOKENS,
                       choice)
 
@@ -55,6 +58,8 @@ class Speculator:
 
     def __init__(self, proposer: Any, draft_tokens: int = DEFAULT_DRAFT_TOKENS, choice: str = ""):
         self.proposer, self.draft_tokens, self.choice = proposer, draft_tokens, choice
+        # the MTP head is fed after every target forward: each step is a verify, drafts or not
+        self.every_step = choice in HIDDEN_CHOICES
         self._job: Any = None  # the job the proposer follows (a draft model's cache holds its text)
 
     def round(self, job: Any, engine: Any, metrics: Any) -> bool:
@@ -65,9 +70,8 @@ class Speculator:
         context = job.prompt_ids + job.token_ids
         cached = job.length
         pending = context[cached:]  # committed, not in the cache: the newest token, or more after a rollback
-        drafts, probs = self._propose(job, context, engine.verify_room(cached) if hasattr(engine, "verify_room")
-                                      else None, len(pending))
-        if not drafts and len(pending) == 1:
+        drafts, probs = self._propose(job, context, engine, len(pending))
+        if not drafts and len(pending) == 1 and not self.every_step:
             return False
         rows = engine.verify(0, pending + drafts, cached, len(drafts) + 1)  # (len(drafts) + 1, vocab)
         if job.sampling.greedy:
@@ -76,7 +80,7 @@ class Speculator:
             kept, token = accept_sampled(rows, drafts, probs, job.sampling, job.rng)
         job.length = engine.rollback(0, cached + len(pending) + kept)
         new = [*drafts[:kept], token]
-        self.proposer.observe(context + new, cached, None)
+        self.proposer.observe(context + new, cached, getattr(engine, "hidden", None))
         metrics.speculative_proposed.inc(len(drafts))
         metrics.speculative_accepted.inc(kept)
         _commit(job, new, rows, metrics)
@@ -85,15 +89,16 @@ class Speculator:
             job.length = engine.rollback(0, text)
         return True
 
-    def _propose(self, job: Any, context: list[int], room: int | None, pending: int) -> tuple[list[int], Any]:
+    def _propose(self, job: Any, context: list[int], engine: Any, pending: int) -> tuple[list[int], Any]:
         """(draft tokens, their distributions or None) for ``job``: at most what its max_tokens leaves
-        after the round's own token, and what the verify may feed (``room``, less the pending tokens)."""
+        after the round's own token, and what the verify may feed (the engine's room, less ``pending``)."""
         if job is not self._job:  # a new request: the proposer starts afresh (a draft empties its cache)
             self._job = job
             if hasattr(self.proposer, "sampling"):  # a draft samples as the request does
                 self.proposer.sampling = job.sampling
-            self.proposer.observe(context, 0, None)
+            self.proposer.observe(context, 0, getattr(engine, "hidden", None))  # the prefill's rows (serial)
         k = min(self.draft_tokens, job.max_tokens - len(job.token_ids) - 1)
+        room = engine.verify_room(job.length) if hasattr(engine, "verify_room") else None
         if room is not None:  # the verify ends by a block end: the prefix cache's snapshot of states
             k = min(k, room - pending)
         if k <= 0:

@@ -95,6 +95,31 @@ def test_a_build_carries_the_head_and_speculates_as_its_export(mtp_export, code_
     assert accepted / proposed >= 0.5
 
 
+def test_serve_speculates_with_the_head_one_request_at_a_time(mtp_export, code_prompts):
+    """`serve --speculative mtp` runs the serial engine (the head reads every position's hidden state):
+    replies equal plain decoding's, and the head's proposals are kept."""
+    from edgekit.serve.app import Server, ServeConfig
+    from edgekit.serve.engine import SerialEngine
+    from edgekit.serve.scheduler import Job
+
+    server = Server(mtp_export, ServeConfig(max_batch=4, max_context=256, threads=1, speculative="mtp",
+                                            draft_tokens=2))
+    assert isinstance(server.engine, SerialEngine) and "--speculative mtp reads hidden states" in server.serial_reason
+    jobs = [Job(p, 24, Sampling(temperature=0), (), [], None, lambda e: None) for p in code_prompts]
+    for job in jobs:
+        server.scheduler.submit(job)
+    while server.scheduler.waiting or server.scheduler.active:
+        server.scheduler.step()
+    session = open_engine(mtp_export)
+    assert [j.token_ids for j in jobs] == [generate(session, p, 24).token_ids for p in code_prompts]
+    text = server.metrics.render()
+    proposed, accepted = (float(next(line.split()[-1] for line in text.splitlines()
+                                     if line.startswith(f"edgekit_speculative_{what}_tokens_total "))) for what in
+                          ("proposed", "accepted"))
+    assert accepted / proposed >= 0.5
+    server.speculator.close()
+
+
 def test_sampled_mtp_keeps_proposals_and_repeats_under_a_seed(mtp_export, code_prompts):
     session = open_engine(mtp_export)
 
