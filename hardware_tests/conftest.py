@@ -73,7 +73,7 @@ def _need(*modules: str) -> None:
 @pytest.fixture(scope="session")
 def cuda_ready(profile):
     from edgekit.errors import MissingDependencyError
-    from edgekit.runtimes.tensorrt_session import _cudart
+    from edgekit.runtimes.cuda_stream import _cudart
 
     try:
         _cudart()

@@ -73,7 +73,7 @@ def open_session(graph, settings, plan, folders=()):
 
 
 def test_cuda_buffers_round_trip(cuda_ready):
-    from edgekit.runtimes.tensorrt_session import CudaStream
+    from edgekit.runtimes.cuda_stream import CudaStream
 
     stream = CudaStream()
     try:
@@ -94,7 +94,7 @@ def test_cuda_buffers_round_trip(cuda_ready):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_decomposed_plan_matches_ort_cpu(plan_of, precision):
-    from edgekit.runtimes.tensorrt_session import CudaStream
+    from edgekit.runtimes.cuda_stream import CudaStream
 
     export, graph, settings, plan = plan_of("tiny-qwen3", precision)
 

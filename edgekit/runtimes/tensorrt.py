@@ -193,7 +193,7 @@ class TensorrtRuntime:
         reason = is_available()
         if reason is None:
             from edgekit.errors import MissingDependencyError
-            from edgekit.runtimes.tensorrt_session import _cudart
+            from edgekit.runtimes.cuda_stream import _cudart
 
             try:
                 _cudart()
