@@ -409,6 +409,7 @@ BASE_PPL = r"Final estimate: PPL = ([\d.]+)"
 MEAN_PPL = r"Mean PPL\(Q\)\s*:\s*([\d.]+)"
 SAME_TOP = r"Same top p:\s*([\d.]+)"
 MEAN_KLD = r"Mean\s+KLD:\s*(-?[\d.]+)"
+FIGURES = {BASE_PPL: "Final estimate: PPL", MEAN_PPL: "Mean PPL(Q)", SAME_TOP: "Same top p", MEAN_KLD: "Mean KLD"}
 TRIES = 3
 
 
@@ -428,7 +429,8 @@ def _perplexity(command: list[str], needed: list[str]) -> str:
         if all(re.search(pattern, output) for pattern in needed):
             return output
     missing = [pattern for pattern in needed if not re.search(pattern, output)]
-    raise ContenderFailed(f"llama-perplexity exited cleanly {TRIES} times without printing {missing[0]!r}; "
+    raise ContenderFailed(f"llama-perplexity exited cleanly {TRIES} times without printing "
+                          f"{FIGURES.get(missing[0], missing[0])!r}; "
                           f"its last line: {output.strip().splitlines()[-1][:200] if output.strip() else 'none'}")
 
 

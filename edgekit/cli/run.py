@@ -69,8 +69,10 @@ def _check_speculative(speculative: str | None, draft_tokens: int | None, chat: 
         return
     if chat:
         raise EdgekitError("--speculative applies to one completion, not --chat", "drop --chat or --speculative")
-    if draft_tokens is not None and draft_tokens < 1:
-        raise EdgekitError(f"--draft-tokens {draft_tokens} must be >= 1", "e.g. --draft-tokens 4")
+    from edgekit.speculative import MAX_DRAFT_TOKENS
+
+    if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise EdgekitError(f"--draft-tokens {draft_tokens} is outside 1..{MAX_DRAFT_TOKENS}", "e.g. --draft-tokens 4")
 
 
 def _open(path: Path, profile: str | None, threads: int | None, mmap: bool | None):

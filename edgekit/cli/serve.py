@@ -58,7 +58,7 @@ def serve(
 
     if not 0 < port < 65536:
         raise EdgekitError(f"--port {port} is not a TCP port", "use e.g. --port 8000")
-    check_choice(speculative, draft_tokens)
+    speculative = check_choice(speculative, draft_tokens)
     if replicas is not None or ray_address is not None or autoscale is not None:
         config = ServeConfig(max_batch, max_context, api_key or None, threads, model_id,
                              prefix_cache_mb=prefix_cache_mb, prefill_batch=prefill_batch,

@@ -82,9 +82,9 @@ class Server:
         if config.prefill_batch is not None and config.prefill_batch < 1:
             raise EdgekitError(f"--prefill-batch {config.prefill_batch} must be >= 1",
                                "leave it out (prompts that join together share forwards), or 1: one per forward")
-        check_choice(config.speculative, config.draft_tokens)
-        serial = (f"--speculative {config.speculative} reads hidden states the batched engine does not return"
-                  if config.speculative in HIDDEN_CHOICES else None)
+        speculative = check_choice(config.speculative, config.draft_tokens)
+        serial = (f"--speculative {speculative} reads hidden states the batched engine does not return; "
+                  "no prefix cache" if speculative in HIDDEN_CHOICES else None)
         self.engine, self.serial_reason = serving_engine(self.graph, config.max_batch, self.max_context, config.threads,
                                                          config.prefix_cache_mb << 20, config.prefill_batch, serial)
         self.max_context = self.engine.max_context  # the engine's own limit may be lower (a TensorRT plan's)
@@ -94,8 +94,8 @@ class Server:
         self.tool_family = tools.family(source or "", self.graph.model.architecture)
         self.template_takes_tools = source is not None and "tools" in source
         self.metrics = Metrics()
-        self.speculator = (open_speculator(config.speculative, self.engine, config.draft_tokens, config.threads)
-                           if config.speculative else None)
+        self.speculator = (open_speculator(speculative, self.engine, config.draft_tokens, config.threads)
+                           if speculative else None)
         self.scheduler = Scheduler(self.engine, self.metrics, self.speculator)
         self.api_key = config.api_key
         self.sink: LoopSink | None = None  # set when the app starts on its event loop
@@ -278,7 +278,7 @@ def create_app(folder: str | Path, config: ServeConfig | None = None) -> FastAPI
         server.scheduler.start()
         yield
         server.scheduler.stop()
-        if server.speculator is not None:  # a draft model's session
+        if server.speculator is not None and server.scheduler.stopped:  # a draft's session, once nothing runs it
             server.speculator.close()
 
     app = FastAPI(title="edgekit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

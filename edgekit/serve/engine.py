@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgekit.errors import InternalError
 from edgekit.runtimes.onnxruntime import KEEP_INPUT, OrtSession
 from edgekit.serve.prefix_cache import DEFAULT_BLOCK, Hit, PrefixCache
 from edgekit.types import ExportedGraph, state_io
@@ -178,7 +179,8 @@ class BatchedEngine:
         hold every position written, so any length is kept (what follows is overwritten later);
         states hold only the end: all kept, or back to the states before the verify."""
         verified_row, start, end, states = self._verified
-        assert verified_row == row and start <= length <= end, "rollback follows the verify of its row"
+        if verified_row != row or not start <= length <= end:
+            raise InternalError(f"rollback of row {row} to {length} after a verify of row {verified_row}, {start}..{end}")
         if states is None or length == end:
             if states is not None and self._snaps is not None and end % self.prefix_cache.block == 0:
                 self._snaps[row][end] = self.states(row)  # as decode does at a block end

@@ -206,6 +206,11 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout=10)
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the loop's thread has ended (``stop`` waits for it a bounded time)."""
+        return not self._thread.is_alive()
+
     def submit(self, job: Job) -> None:
         """Queue ``job``; once the scheduler is stopping it is answered with an error instead."""
         with self._cond:

@@ -1,5 +1,5 @@
-"""Speculative decoding in ``edgekit serve`` (``--speculative ngram|draft:PATH``): per request, while
-its row decodes alone.
+"""Speculative decoding in ``edgekit serve`` (``--speculative ngram|draft:PATH|draft|mtp``): per request,
+while its row decodes alone.
 
     one row active, no grammar  ─propose k─ verify(pending + drafts) in one forward of that row
                                  ─accept (greedy: longest agreeing prefix; sampled: the rejection rule)
@@ -12,6 +12,8 @@ row with a past, so speculating rows of a batch would each need their own forwar
 step reads the weights once for every row (benchmarks/SPECULATIVE.md measures both). Greedy output
 is exactly plain decoding's; sampled output has the target's distribution (edgekit.speculative.verify).
 A request with a grammar (json_schema, tools) decodes plainly: its mask depends on each token before.
+So does a sampled request with a ``seed``: speculation draws from its random stream differently than
+plain decoding does, and a batch decodes plainly, so its text would depend on the server's load.
 
 ``mtp`` reads the target's hidden state at every committed position, which the batched engine does not
 return: a server speculating with the MTP head runs the serial engine (one request at a time, every
@@ -20,33 +22,43 @@ step a verify that feeds the head), as the one-user device it is for.
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError, InternalError
-from edgekit.speculative import DEFAULT_DRAFT_TOKENS
+from edgekit.speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 from edgekit.speculative.verify import accept_greedy, accept_sampled
 
 SERVED = "ngram, draft:PATH, draft (the one a build carries) or mtp (the model's MTP head: export --mtp)"
 HIDDEN_CHOICES = ("mtp",)  # proposers that read the target's hidden states: served by the serial engine
 
 
-def check_choice(choice: str | None, draft_tokens: int | None) -> None:
-    """Refuse, before anything loads, options speculation in serve cannot take."""
+def check_choice(choice: str | None, draft_tokens: int | None) -> str | None:
+    """Refuse, before anything loads, options speculation in serve cannot take; -> the choice with a
+    draft's path made absolute (Ray replicas open it from another working directory)."""
     if choice is None:
         if draft_tokens is not None:
             raise EdgekitError("--draft-tokens applies with --speculative", "add --speculative ngram (or draft:PATH)")
-        return
+        return None
     if choice not in ("ngram", "draft", "mtp") and not (choice.startswith("draft:") and len(choice) > len("draft:")):
         raise EdgekitError(f"--speculative {choice!r} is not a proposer", f"use {SERVED}")
-    if draft_tokens is not None and draft_tokens < 1:
-        raise EdgekitError(f"--draft-tokens {draft_tokens} must be >= 1", "e.g. --draft-tokens 4")
+    if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise EdgekitError(f"--draft-tokens {draft_tokens} is outside 1..{MAX_DRAFT_TOKENS}", "e.g. --draft-tokens 4")
+    if choice.startswith("draft:"):
+        folder = Path(choice.removeprefix("draft:")).expanduser().resolve()
+        if not (folder / "edgekit.json").is_file():
+            raise EdgekitError(f"--speculative {choice}: {folder} is not an export or build (no edgekit.json)",
+                               "pass a folder made by edgekit export or edgekit build")
+        return f"draft:{folder}"
+    return choice
 
 
 def open_speculator(choice: str, engine: Any, draft_tokens: int | None, threads: int | None) -> "Speculator":
     """The speculator ``--speculative`` names, over ``engine``'s model (a draft's tokenizer is checked)."""
     from edgekit.speculative import open_proposer
 
-    check_choice(choice, draft_tokens)
+    choice = check_choice(choice, draft_tokens)
     if choice in HIDDEN_CHOICES and engine.max_batch > 1:
         raise InternalError(f"--speculative {choice} reads hidden states: it needs the serial engine")
     return Speculator(open_proposer(choice, engine.session, threads=threads), draft_tokens or DEFAULT_DRAFT_TOKENS,
@@ -60,12 +72,12 @@ class Speculator:
         self.proposer, self.draft_tokens, self.choice = proposer, draft_tokens, choice
         # the MTP head is fed after every target forward: each step is a verify, drafts or not
         self.every_step = choice in HIDDEN_CHOICES
-        self._job: Any = None  # the job the proposer follows (a draft model's cache holds its text)
+        self._job: Any = lambda: None  # a weak reference to the job the proposer follows (a draft's cache holds its text)
 
     def round(self, job: Any, engine: Any, metrics: Any) -> bool:
         """One verify step of ``job`` in row 0; False when plain decode should run instead (nothing
         proposed and nothing to catch up, or a request with a grammar)."""
-        if job.processor is not None:
+        if job.processor is not None or job.cancelled.is_set() or job.sampling.seed is not None and not job.sampling.greedy:
             return False
         context = job.prompt_ids + job.token_ids
         cached = job.length
@@ -81,9 +93,9 @@ class Speculator:
         job.length = engine.rollback(0, cached + len(pending) + kept)
         new = [*drafts[:kept], token]
         self.proposer.observe(context + new, cached, getattr(engine, "hidden", None))
+        committed = _commit(job, new, rows, metrics)
         metrics.speculative_proposed.inc(len(drafts))
-        metrics.speculative_accepted.inc(kept)
-        _commit(job, new, rows, metrics)
+        metrics.speculative_accepted.inc(min(kept, committed))  # not those after the reply's end
         text = len(job.prompt_ids) + len(job.token_ids)
         if job.length > text:  # it ended inside the kept proposals: the cache holds exactly its text again
             job.length = engine.rollback(0, text)
@@ -92,10 +104,10 @@ class Speculator:
     def _propose(self, job: Any, context: list[int], engine: Any, pending: int) -> tuple[list[int], Any]:
         """(draft tokens, their distributions or None) for ``job``: at most what its max_tokens leaves
         after the round's own token, and what the verify may feed (the engine's room, less ``pending``)."""
-        if job is not self._job:  # a new request: the proposer starts afresh (a draft empties its cache)
-            self._job = job
-            if hasattr(self.proposer, "sampling"):  # a draft samples as the request does
-                self.proposer.sampling = job.sampling
+        if job is not self._job():  # a new request: the proposer starts afresh (a draft empties its cache)
+            self._job = weakref.ref(job)
+            if hasattr(self.proposer, "restart"):  # a draft or head samples as the request does
+                self.proposer.restart(job.sampling, job.sampling.seed)
             self.proposer.observe(context, 0, getattr(engine, "hidden", None))  # the prefill's rows (serial)
         k = min(self.draft_tokens, job.max_tokens - len(job.token_ids) - 1)
         room = engine.verify_room(job.length) if hasattr(engine, "verify_room") else None
@@ -122,13 +134,14 @@ class Speculator:
             close()
 
 
-def _commit(job: Any, tokens: list[int], rows: Any, metrics: Any) -> None:
-    """Accept ``tokens`` (row i of ``rows`` predicted token i) until the job finishes."""
+def _commit(job: Any, tokens: list[int], rows: Any, metrics: Any) -> int:
+    """Accept ``tokens`` (row i of ``rows`` predicted token i) until the job finishes; -> how many."""
     from edgekit.serve.logprobs import entry, log_softmax
 
-    for token, logits in zip(tokens, rows):
+    for i, (token, logits) in enumerate(zip(tokens, rows)):
         if job.logprobs is not None:
             job.token_logprobs.append(entry(log_softmax(logits), token, job.logprobs))
         job.accept(token, metrics)
         if job.finish_reason is not None:
-            return
+            return i + 1
+    return len(tokens)

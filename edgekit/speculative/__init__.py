@@ -29,8 +29,9 @@ from edgekit.speculative.base import Proposal, Proposer
 from edgekit.speculative.verify import accept_greedy, accept_sampled
 
 DEFAULT_DRAFT_TOKENS = 4
+MAX_DRAFT_TOKENS = 32  # a verify returns (k + 1, vocab) logits: 150k x 33 x 4 bytes = 20 MB at most
 
-__all__ = ["DEFAULT_DRAFT_TOKENS", "Proposal", "Proposer", "SpeculativeGeneration", "generate_speculative"]
+__all__ = ["DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "Proposal", "Proposer", "SpeculativeGeneration", "generate_speculative"]
 
 
 @dataclass
@@ -61,8 +62,8 @@ def generate_speculative(
     distribution when sampling, in fewer target forwards."""
     if not prompt_ids:
         raise EdgekitError("the prompt is empty", "pass --prompt TEXT or --prompt-ids 1,2,3")
-    if draft_tokens < 1:
-        raise EdgekitError(f"--draft-tokens {draft_tokens} must be >= 1", "e.g. --draft-tokens 4")
+    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise EdgekitError(f"--draft-tokens {draft_tokens} is outside 1..{MAX_DRAFT_TOKENS}", "e.g. --draft-tokens 4")
     result = SpeculativeGeneration(prompt_tokens=len(prompt_ids))
     if max_new_tokens <= 0:
         return result

@@ -48,9 +48,15 @@ class DraftProposer:
 
     def __init__(self, session, sampling: Sampling = Sampling(), seed: int | None = None):
         self.session, self.sampling = session, sampling
-        self.rng = np.random.default_rng(None if seed is None else seed + 1)  # not the target's stream
+        self.restart(sampling, seed)
         self.cached: list[int] = []  # the tokens in the draft's cache
         session.reset()
+
+    def restart(self, sampling: Sampling, seed: int | None = None) -> None:
+        """Sample as ``sampling`` from a stream of ``seed`` (not the target's: seed + 1); serve calls
+        it for each request, so a seeded request proposes the same tokens every time."""
+        self.sampling = sampling
+        self.rng = np.random.default_rng(None if seed is None else seed + 1)
 
     def propose(self, context: list[int], k: int) -> Proposal:
         """Feed what the draft has not seen, checkpoint, then draw ``k`` tokens one forward each."""

@@ -39,11 +39,17 @@ class MtpProposer:
 
     def __init__(self, session, sampling: Sampling = Sampling(), seed: int | None = None):
         self.session, self.sampling = session, sampling
-        self.rng = np.random.default_rng(None if seed is None else seed + 2)
+        self.restart(sampling, seed)
         self.fed = 0  # target positions whose pair (h_p, x_{p+1}) is in the head's cache
         self.logits: np.ndarray | None = None  # the head's prediction for the next token
         self.hidden: np.ndarray | None = None  # and its hidden row, for chaining
         session.reset()
+
+    def restart(self, sampling: Sampling, seed: int | None = None) -> None:
+        """Sample as ``sampling`` from a stream of ``seed`` (not the target's: seed + 2); serve calls
+        it for each request, so a seeded request proposes the same tokens every time."""
+        self.sampling = sampling
+        self.rng = np.random.default_rng(None if seed is None else seed + 2)
 
     def observe(self, context: list[int], first_position: int, hidden: np.ndarray | None) -> None:
         """Feed the head the pairs of positions it has not seen whose next token is committed."""

@@ -176,25 +176,46 @@ def test_logprobs_of_speculated_tokens_are_the_models(exported):
         step_until_done(scheduler)
     plain, fast = runs
     assert fast.token_ids == plain.token_ids
+    assert len(plain.token_logprobs) == len(fast.token_logprobs) == NEW
     for a, b in zip(plain.token_logprobs, fast.token_logprobs):
         assert a.token == b.token and [t for t, _ in a.top] == [t for t, _ in b.top]
         assert abs(a.logprob - b.logprob) < 1e-4
 
 
-def test_sampled_speculation_repeats_under_a_seed_and_keeps_proposals(exported):
+def test_sampled_point_mass_proposals_are_kept_by_the_rule(exported):
+    """Prompt-lookup-like proposals (no distribution: q = 1) under near-greedy sampling: the rule keeps
+    those the target would likely draw, and the reply is whole."""
     graph = ExportedGraph.load(exported("Qwen3ForCausalLM", "ort"))
-    expected = references(graph, PROMPTS[:1])
+    engine, _ = serving_engine(graph, max_batch=2, max_context=128, threads=1)
+    scheduler = Scheduler(engine, speculator=Speculator(Scripted(references(graph, PROMPTS[:1])), draft_tokens=4))
+    item = job(PROMPTS[0], sampling=Sampling(temperature=0.02))
+    scheduler.submit(item)
+    step_until_done(scheduler)
+    assert len(item.token_ids) == NEW and item.finish_reason == "length"
+    assert 0 < counted(scheduler, "accepted") <= counted(scheduler, "proposed")
+
+
+def test_a_sampled_draft_is_kept_by_the_rejection_rule_and_repeats_under_a_seed(exported):
+    """The target drafting for itself, sampled: its proposals' distributions are the target's own, so
+    the rule keeps every one (a misaligned distribution would reject some). A seeded request does not
+    speculate (its text must not depend on the load); an unseeded one does, and the draft follows it."""
+    from edgekit.serve.speculate import open_speculator
+
+    graph = ExportedGraph.load(exported("Qwen3ForCausalLM", "ort"))
+    engine, _ = serving_engine(graph, max_batch=2, max_context=128, threads=1)
+    scheduler = Scheduler(engine, speculator=open_speculator(f"draft:{graph.path}", engine, 3, threads=1))
     outputs = []
-    for _ in range(2):
-        engine, _ = serving_engine(graph, max_batch=2, max_context=128, threads=1)
-        scheduler = Scheduler(engine, speculator=Speculator(Scripted(expected), draft_tokens=4))
-        item = job(PROMPTS[0], sampling=Sampling(temperature=0.02, seed=7))
+    for seed in (None, 5, 5):
+        item = job(PROMPTS[0], sampling=Sampling(temperature=0.8, seed=seed))
         scheduler.submit(item)
         step_until_done(scheduler)
         outputs.append(item.token_ids)
-        assert len(item.token_ids) == NEW and item.finish_reason == "length"
-    assert outputs[0] == outputs[1]
-    assert counted(scheduler, "accepted") > 0
+        if seed is None:
+            proposed = counted(scheduler, "proposed")
+            assert proposed > 0 and counted(scheduler, "accepted") == proposed
+    assert counted(scheduler, "proposed") == proposed  # the seeded requests decoded plainly
+    assert outputs[1] == outputs[2] and len(outputs[0]) == NEW
+    scheduler.speculator.close()
 
 
 def test_a_request_with_a_grammar_decodes_plainly(exported):
@@ -236,7 +257,10 @@ def test_serve_answers_as_without_speculation(tiny_code_export):
 @pytest.mark.parametrize("args, message", [
     (["--speculative", "mtp"], "error: "),  # the export has no MTP head: its path and what to do, below
     (["--speculative", "lookup"], "error: --speculative 'lookup' is not a proposer"),
-    (["--speculative", "ngram", "--draft-tokens", "0"], "error: --draft-tokens 0 must be >= 1"),
+    (["--speculative", "ngram", "--draft-tokens", "0"], "error: --draft-tokens 0 is outside 1..32"),
+    (["--speculative", "ngram", "--draft-tokens", "33"], "error: --draft-tokens 33 is outside 1..32"),
+    (["--speculative", "draft:/nope"], "error: --speculative draft:/nope: /nope is not an export or build "
+                                       "(no edgekit.json)"),
     (["--draft-tokens", "3"], "error: --draft-tokens applies with --speculative"),
 ])
 def test_bad_speculative_options_are_refused(exported, args, message):

@@ -37,7 +37,7 @@ def test_bad_choices_are_refused_before_any_work(exported, tmp_path):
     assert_refused(edgekit("run", str(target), "--prompt", "x", "--draft-tokens", "3"),
                    "error: --draft-tokens applies with --speculative")
     assert_refused(edgekit("run", str(target), "--prompt", "x", "--speculative", "ngram", "--draft-tokens", "0"),
-                   "error: --draft-tokens 0 must be >= 1")
+                   "error: --draft-tokens 0 is outside 1..32")
     assert_refused(edgekit("run", str(target), "--chat", "--speculative", "ngram"),
                    "error: --speculative applies to one completion, not --chat")
 
