@@ -78,7 +78,7 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
             built["graph"] = made
         for name in graph.tokenizer_files:
             shutil.copy(graph.path / name, tmp / name)
-        if (graph.path / MTP_FOLDER / SIDECAR).is_file():  # the MTP head (export --mtp) proposes beside the build
+        if (graph.path / MTP_FOLDER / SIDECAR).is_file() and _returns_hidden(plan):  # the head proposes beside it
             shutil.copytree(graph.path / MTP_FOLDER, tmp / MTP_FOLDER)
         if draft is not None:
             shutil.copytree(draft, tmp / DRAFT_FOLDER, ignore=shutil.ignore_patterns(DRAFT_FOLDER, MTP_FOLDER))
@@ -88,6 +88,13 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
         elif quality_text is not None:
             _record_quality(graph, tmp, quality_text, progress)
     return Engine.load(out)
+
+
+def _returns_hidden(plan: BuildPlan) -> bool:
+    """Whether the build's sessions return the hidden states an MTP head (export --mtp) reads."""
+    from edgekit.runtimes.registry import get_runtime
+
+    return bool(getattr(get_runtime(plan.runtime), "hidden_states", False))
 
 
 def _check_draft(graph: ExportedGraph, draft: Path) -> None:

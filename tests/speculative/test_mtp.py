@@ -120,6 +120,18 @@ def test_serve_speculates_with_the_head_one_request_at_a_time(mtp_export, code_p
     server.speculator.close()
 
 
+def test_a_tensorrt_build_leaves_the_head_out(tmp_path):
+    """A native TensorRT plan's session returns no hidden states, so its build does not carry mtp/
+    (the graph-only build writes what the plan would be built from)."""
+    from edgekit.engines import build_engine
+
+    export = tmp_path / "decomposed"
+    done = edgekit("export", PRESET, "-o", str(export), "--mtp", "--target", "decomposed")
+    assert done.returncode == 0 and (export / "mtp" / "edgekit.json").is_file(), done.stderr
+    build = build_engine(export, "jetson-orin-nano-8gb", tmp_path / "build", runtime="tensorrt", graph_only=True)
+    assert (build.path / "model.onnx").is_file() and not (build.path / "mtp").exists()
+
+
 def test_sampled_mtp_keeps_proposals_and_repeats_under_a_seed(mtp_export, code_prompts):
     session = open_engine(mtp_export)
 
