@@ -231,14 +231,9 @@ LABELS = {"matmuls": "matmuls", "lm_head": "LM head", "attention": "attention", 
 def check_profile_output(path: str | Path) -> None:
     """Refuse a JSON output path whose folder is missing, or that holds something other than an earlier
     profile (edgekit never overwrites what it did not write); call it before profiling."""
-    from edgekit.errors import OutputExistsError
+    from edgekit.bench.report import check_replaceable
 
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise OutputExistsError(f"cannot write {path}: folder {path.parent} does not exist", "create it, or pass another path")
-    if path.is_dir() or (path.exists() and not _a_profile(path)):
-        raise OutputExistsError(f"{path} exists and is not a decode profile; not replacing it",
-                                "pass a new file name, or move that file away yourself")
+    check_replaceable(path, _a_profile, "is not a decode profile")
 
 
 def _a_profile(path: Path) -> bool:

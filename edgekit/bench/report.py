@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,14 +225,16 @@ def _num(value: float | None, scale: float = 1, spec: str = ".1f") -> str:
 
 # ---- plot ---------------------------------------------------------------------------------------
 
-def check_replaceable(path: str | Path) -> None:
-    """Refuse an output path that holds something edgekit bench did not write (a report or plot of
-    an earlier bench may be replaced), or whose folder does not exist; call it before the runs."""
+def check_replaceable(path: str | Path, ours: Callable[[Path], bool] | None = None,
+                      what: str = "edgekit bench did not write it") -> None:
+    """Refuse an output path that holds something edgekit did not write (``ours(path)`` False; by
+    default: a report or plot of an earlier bench may be replaced), or whose folder does not exist;
+    call it before the runs. ``what`` says, in the error, what the file is not."""
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputExistsError(f"cannot write {path}: folder {path.parent} does not exist", "create it, or pass another path")
-    if path.is_dir() or (path.exists() and not _written_by_bench(path)):
-        raise OutputExistsError(f"{path} exists and edgekit bench did not write it; not replacing it",
+    if path.is_dir() or (path.exists() and not (ours or _written_by_bench)(path)):
+        raise OutputExistsError(f"{path} exists and {what}; not replacing it",
                                 "pass a new file name, or move that file away yourself")
 
 
