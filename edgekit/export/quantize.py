@@ -22,20 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
-from edgekit.quantize import SEARCH_LIMIT as BUILD_SEARCH_LIMIT
+# SEARCH_LIMIT: the build's. The clip search costs ~16 RTN passes in NumPy (~4 M weights/s on 2 cores):
+# past that many MatMul weights (a 27B model: 1.7 h more) the export keeps ORT's plain RTN kernel.
+from edgekit.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, SEARCH_LIMIT
 
 CHUNK_BYTES = 64 << 20  # fp32 bytes of weight quantized per slice
-# The clip search costs ~16 RTN passes in NumPy (~4 M weights/s on 2 cores): past this many MatMul
-# weights (a 27B model: 1.7 h more) the export keeps ORT's plain RTN kernel, and says so.
-SEARCH_LIMIT = BUILD_SEARCH_LIMIT
 
 
 def quantize_graph(model: Any, quant: str, block_size: int | None = None,
                    accuracy_level: int = DEFAULT_ACCURACY_LEVEL, embeddings: bool = True) -> dict[str, Any]:
     """Rewrite ``model``'s MatMuls (and, for int4, the embedding Gather) over lazy weights; returns figures."""
     from edgekit.errors import require
-    from edgekit.export.lazy import drop_unused, recipe_of
+    from edgekit.export.lazy import drop_unused
 
     require("onnxruntime", "cpu")  # its quantization kernels
     bits = 4 if quant == "int4" else 8
@@ -43,13 +41,10 @@ def quantize_graph(model: Any, quant: str, block_size: int | None = None,
     check_block_size(block)
     graph = model.graph
     matmuls = gathers = 0
-    search = bits == 4 and _matmul_weight_count(graph) <= SEARCH_LIMIT
-    for node in list(graph):
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        weight = node.inputs[1] if node.op_type == "MatMul" else node.inputs[0] if node.op_type == "Gather" else None
-        if weight is None or recipe_of(weight) is None or len(weight.shape) != 2:
-            continue
+    targets = _targets(graph)
+    weights = sum(w.shape[0] * w.shape[1] for node, w in targets if node.op_type == "MatMul")
+    search = bits == 4 and weights <= SEARCH_LIMIT
+    for node, weight in targets:
         if node.op_type == "MatMul":
             _replace(graph, node, "MatMulNBits", [node.inputs[0], *_matmul_weights(graph, weight, bits, block, search)],
                      {"K": weight.shape[0], "N": weight.shape[1], "bits": bits, "block_size": block,
@@ -66,16 +61,18 @@ def quantize_graph(model: Any, quant: str, block_size: int | None = None,
             "at": "export"}
 
 
-def _matmul_weight_count(graph: Any) -> int:
+def _targets(graph: Any) -> list[tuple[Any, Any]]:
+    """(node, its lazy 2-D weight) for each standard MatMul and Gather the export may quantize."""
     from edgekit.export.lazy import recipe_of
 
-    count = 0
-    for node in graph:
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
-            weight = node.inputs[1]
-            if recipe_of(weight) is not None and len(weight.shape) == 2:
-                count += weight.shape[0] * weight.shape[1]
-    return count
+    found = []
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        weight = node.inputs[1] if node.op_type == "MatMul" else node.inputs[0] if node.op_type == "Gather" else None
+        if weight is not None and recipe_of(weight) is not None and len(weight.shape) == 2:
+            found.append((node, weight))
+    return found
 
 
 def check_block_size(block: int) -> None:

@@ -27,8 +27,6 @@ import numpy as np
 from edgekit._files import model_bytes, model_files
 from edgekit.errors import EdgekitError, require
 from edgekit.quantize.tied import same_table, share_table
-
-SEARCH_LIMIT = 2_000_000_000  # MatMul weights past which int4 RTN skips the clip search (~4 M weights/s)
 from edgekit.types import ExportedGraph, state_io
 
 
@@ -38,6 +36,7 @@ DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute (AVX2 / AVX-512 VNNI / ARM dot product)
 CALIBRATION_WINDOW = 128
 CALIBRATION_SAMPLES = 8
+SEARCH_LIMIT = 2_000_000_000  # MatMul weights past which int4 RTN skips the clip search (~4 M weights/s)
 
 Progress = Callable[[str, int, int], None]  # (what, done, total), as run_bench's on_progress
 
