@@ -63,16 +63,11 @@ def run(
 
 def _check_speculative(speculative: str | None, draft_tokens: int | None, chat: bool) -> None:
     """Refuse, before loading anything, --speculative options that cannot apply."""
-    if speculative is None:
-        if draft_tokens is not None:
-            raise EdgekitError("--draft-tokens applies with --speculative", "add --speculative ngram (or draft:PATH, mtp)")
-        return
-    if chat:
-        raise EdgekitError("--speculative applies to one completion, not --chat", "drop --chat or --speculative")
-    from edgekit.speculative import MAX_DRAFT_TOKENS
+    from edgekit.speculative import check_draft_tokens
 
-    if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
-        raise EdgekitError(f"--draft-tokens {draft_tokens} is outside 1..{MAX_DRAFT_TOKENS}", "e.g. --draft-tokens 4")
+    check_draft_tokens(draft_tokens, speculative is not None)
+    if speculative is not None and chat:
+        raise EdgekitError("--speculative applies to one completion, not --chat", "drop --chat or --speculative")
 
 
 def _open(path: Path, profile: str | None, threads: int | None, mmap: bool | None):

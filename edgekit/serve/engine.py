@@ -8,6 +8,7 @@ Both expose the same small contract over *rows* 0..n-1 (n active sequences, alwa
     move(src, dst, length)                  copy a row's cache (compaction after a row leaves)
     verify(row, ids, start, keep) -> (keep, vocab)   ids after the start tokens row holds, that row alone
     rollback(row, length) -> held           after a verify: keep `length` tokens; -> what the row holds
+    verify_room(start) -> n or None         tokens a verify from `start` may feed (None: any)
                                             (speculative decoding: edgekit.serve.speculate)
 
 Batched cache (``ort`` target, every layer attention, CPU):
@@ -265,6 +266,10 @@ class SerialEngine:
         """Feed ``ids`` after a checkpoint (the session holds ``start`` tokens): the last ``keep`` rows."""
         self.session.checkpoint()
         return self.session.forward(ids)[-keep:]
+
+    def verify_room(self, start: int) -> None:
+        """No bound on a verify: the session keeps no prefix-cache snapshots."""
+        return None
 
     def rollback(self, row: int, length: int) -> int:
         """Back to ``length`` tokens, or as near as the session can (its checkpoint): -> what it holds."""

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError, InternalError
-from edgekit.speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
+from edgekit.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens, draft_path
 from edgekit.speculative.verify import accept_greedy, accept_sampled
+from edgekit.types import SIDECAR
 
 SERVED = "ngram, draft:PATH, draft (the one a build carries) or mtp (the model's MTP head: export --mtp)"
 HIDDEN_CHOICES = ("mtp",)  # proposers that read the target's hidden states: served by the serial engine
@@ -37,21 +38,19 @@ HIDDEN_CHOICES = ("mtp",)  # proposers that read the target's hidden states: ser
 def check_choice(choice: str | None, draft_tokens: int | None) -> str | None:
     """Refuse, before anything loads, options speculation in serve cannot take; -> the choice with a
     draft's path made absolute (Ray replicas open it from another working directory)."""
+    check_draft_tokens(draft_tokens, choice is not None)
     if choice is None:
-        if draft_tokens is not None:
-            raise EdgekitError("--draft-tokens applies with --speculative", "add --speculative ngram (or draft:PATH)")
         return None
-    if choice not in ("ngram", "draft", "mtp") and not (choice.startswith("draft:") and len(choice) > len("draft:")):
+    path = draft_path(choice)
+    if choice not in ("ngram", "draft", "mtp") and path is None:
         raise EdgekitError(f"--speculative {choice!r} is not a proposer", f"use {SERVED}")
-    if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
-        raise EdgekitError(f"--draft-tokens {draft_tokens} is outside 1..{MAX_DRAFT_TOKENS}", "e.g. --draft-tokens 4")
-    if choice.startswith("draft:"):
-        folder = Path(choice.removeprefix("draft:")).expanduser().resolve()
-        if not (folder / "edgekit.json").is_file():
-            raise EdgekitError(f"--speculative {choice}: {folder} is not an export or build (no edgekit.json)",
-                               "pass a folder made by edgekit export or edgekit build")
-        return f"draft:{folder}"
-    return choice
+    if path is None:
+        return choice
+    folder = Path(path).expanduser().resolve()
+    if not (folder / SIDECAR).is_file():
+        raise EdgekitError(f"--speculative {choice}: {folder} is not an export or build (no {SIDECAR})",
+                           "pass a folder made by edgekit export or edgekit build")
+    return f"draft:{folder}"
 
 
 def open_speculator(choice: str, engine: Any, draft_tokens: int | None, threads: int | None) -> "Speculator":
@@ -110,7 +109,7 @@ class Speculator:
                 self.proposer.restart(job.sampling, job.sampling.seed)
             self.proposer.observe(context, 0, getattr(engine, "hidden", None))  # the prefill's rows (serial)
         k = min(self.draft_tokens, job.max_tokens - len(job.token_ids) - 1)
-        room = engine.verify_room(job.length) if hasattr(engine, "verify_room") else None
+        room = engine.verify_room(job.length)
         if room is not None:  # the verify ends by a block end: the prefix cache's snapshot of states
             k = min(k, room - pending)
         if k <= 0:

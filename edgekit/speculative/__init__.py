@@ -31,7 +31,8 @@ from edgekit.speculative.verify import accept_greedy, accept_sampled
 DEFAULT_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 32  # a verify returns (k + 1, vocab) logits: 150k x 33 x 4 bytes = 20 MB at most
 
-__all__ = ["DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "Proposal", "Proposer", "SpeculativeGeneration", "generate_speculative"]
+__all__ = ["DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "Proposal", "Proposer", "SpeculativeGeneration",
+           "check_draft_tokens", "draft_path", "generate_speculative"]
 
 
 @dataclass
@@ -62,8 +63,7 @@ def generate_speculative(
     distribution when sampling, in fewer target forwards."""
     if not prompt_ids:
         raise EdgekitError("the prompt is empty", "pass --prompt TEXT or --prompt-ids 1,2,3")
-    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
-        raise EdgekitError(f"--draft-tokens {draft_tokens} is outside 1..{MAX_DRAFT_TOKENS}", "e.g. --draft-tokens 4")
+    check_draft_tokens(draft_tokens)
     result = SpeculativeGeneration(prompt_tokens=len(prompt_ids))
     if max_new_tokens <= 0:
         return result
@@ -135,6 +135,23 @@ class _Clock:
         return False
 
 
+def check_draft_tokens(draft_tokens: int | None, speculative: bool = True) -> None:
+    """Refuse ``--draft-tokens`` outside 1..MAX_DRAFT_TOKENS, or given without ``--speculative``
+    (``speculative`` False): run, serve and generate_speculative share it."""
+    if draft_tokens is None:
+        return
+    if not speculative:
+        raise EdgekitError("--draft-tokens applies with --speculative", "add --speculative ngram (or draft:PATH, draft, mtp)")
+    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise EdgekitError(f"--draft-tokens {draft_tokens} is outside 1..{MAX_DRAFT_TOKENS}", "e.g. --draft-tokens 4")
+
+
+def draft_path(choice: str) -> str | None:
+    """The PATH of ``draft:PATH`` (None for any other choice, ``draft:`` with no path included)."""
+    path = choice.removeprefix("draft:")
+    return path if choice.startswith("draft:") and path else None
+
+
 PROPOSER_CHOICES = ("ngram, draft:PATH (an export or build with the same tokenizer), draft (the one a build "
                     "carries: build --draft) or mtp")
 
@@ -147,12 +164,11 @@ def open_proposer(choice: str, session, sampling: Sampling = Sampling(), threads
         from edgekit.speculative.ngram import NgramProposer
 
         return NgramProposer()
-    if choice == "draft" or choice.startswith("draft:") and len(choice) > len("draft:"):
+    if choice == "draft" or draft_path(choice) is not None:
         from edgekit.runtimes.registry import open_engine
         from edgekit.speculative.draft import DraftProposer, check_same_tokenizer
 
-        draft = open_engine(carried_draft(session) if choice == "draft" else Path(choice.removeprefix("draft:")),
-                            threads=threads)
+        draft = open_engine(carried_draft(session) if choice == "draft" else Path(draft_path(choice)), threads=threads)
         check_same_tokenizer(session.graph, draft.graph)
         return DraftProposer(draft, sampling, sampling.seed)
     if choice == "mtp":
