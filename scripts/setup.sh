@@ -8,10 +8,22 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-"$VPY" -m pip install -q --upgrade pip >/dev/null
+# A download cut off midway (seen in CI: ray's 79 MB wheel stopped at 64 MB six times) should not
+# fail the run: pip resumes more often, and the whole install is tried again after a pause.
+# Older pips ignore the settings they do not know.
+export PIP_RESUME_RETRIES=${PIP_RESUME_RETRIES:-20} PIP_RETRIES=${PIP_RETRIES:-10}
+pip_install() {
+  local try
+  for try in 1 2 3; do
+    "$VPY" -m pip install -q "$@" && return 0
+    [ "$try" -lt 3 ] && { echo "pip install failed (try $try of 3); trying again in $((try * 15)) s" >&2; sleep $((try * 15)); }
+  done
+  return 1
+}
+pip_install --upgrade pip >/dev/null
 # torch first and pinned: an unpinned `torch` resolves to a multi-GB CUDA build; 2.13.0 is the CPU build here.
 if ! "$VPY" -c "import torch" 2>/dev/null; then
-  "$VPY" -m pip install -q "${EDGEKIT_TORCH:-torch==2.13.0}"
+  pip_install "${EDGEKIT_TORCH:-torch==2.13.0}"
 fi
-"$VPY" -m pip install -q -e '.[cpu,export,dev,ray]'  # ray: the serve --replicas and sweep tests
+pip_install -e '.[cpu,export,dev,ray]'  # ray: the serve --replicas and sweep tests
 export PATH="$PWD/.venv/bin:$PATH"
