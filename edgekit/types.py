@@ -18,11 +18,9 @@ SIDECAR = "edgekit.json"
 SCHEMA_VERSION = 1
 
 TARGETS = ("ort", "portable", "decomposed")
-# Multi-token prediction (Qwen3.5/3.6): the head's graph lives in the export folder (so builds and bundles
-# that copy the folder carry it); the target exported for MTP gains its final-norm output.
-MTP_FOLDER = "mtp"
-HIDDEN_OUTPUT = "hidden_states"  # the target's final-norm output (also the MTP graph's), (batch, seq, hidden)
-HIDDEN_INPUT = "target_hidden_states"  # the MTP graph's input of the target's hidden rows
+# Multi-token prediction (Qwen3.5/3.6, export --mtp): the head runs inside the target's graph, one more
+# attention layer (its KV cache is the last of ``layers``) whose logits are this extra output, (batch, seq, vocab).
+MTP_LOGITS = "mtp_logits"
 # A draft model for speculative decoding travels the same way: `build --draft DRAFT` copies it here.
 DRAFT_FOLDER = "draft"
 DTYPES = ("fp32", "fp16", "bf16")

@@ -144,10 +144,11 @@ class SpeculativeContender(EdgekitContender):
         self.choice, self.draft_tokens, self.proposer = proposer, draft_tokens, None
 
     def _open(self) -> tuple[Any, int | None, str]:
-        from edgekit.speculative import DEFAULT_DRAFT_TOKENS, open_proposer
+        from edgekit.speculative import check_draft_tokens, default_draft_tokens, open_proposer
 
         session, engine_bytes, detail = super()._open()
-        self.draft_tokens = self.draft_tokens or DEFAULT_DRAFT_TOKENS
+        check_draft_tokens(self.draft_tokens, True, self.choice)
+        self.draft_tokens = self.draft_tokens or default_draft_tokens(self.choice)
         self.proposer = open_proposer(self.choice, session, threads=self.threads)
         return session, engine_bytes, f"{detail}, {self.choice} k={self.draft_tokens}"
 

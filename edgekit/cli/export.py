@@ -29,8 +29,8 @@ def export(
         "Load the whole model instead of streaming weights from its safetensors (used anyway without them)."
     )),
     mtp: bool = typer.Option(False, "--mtp", help=(
-        "Qwen3.5/3.6: also export the checkpoint's MTP head (OUT/mtp) and a hidden-state output, "
-        "for `edgekit run --speculative mtp`.")),
+        "Qwen3.5/3.6: run the checkpoint's MTP head inside the graph (one more attention layer and an "
+        "mtp_logits output), for `edgekit run --speculative mtp`.")),
 ) -> None:
     """Trace MODEL into ONNX with attention as custom ops, lowered for --target.
 
@@ -41,19 +41,10 @@ def export(
     quiet_libraries()
     from edgekit.export import export_model
 
-    if mtp:  # before any work: a model without an MTP head is refused, not exported first
-        from edgekit.export.mtp import check_mtp
-
-        check_mtp(model)
     console.print(f"Exporting {escape(model)} ({target}, {dtype}{'' if quant == 'none' else ', ' + quant})...")
     graph = export_model(model, out, target=target, dtype=dtype, force=force, quant=quant, block_size=block_size,
-                         in_memory=in_memory, progress=True)
-    if mtp:
-        from edgekit.export.mtp import export_mtp
-
-        export_mtp(model, out)
-        console.print(f"[green]exported[/] the MTP head → {escape(str(out / 'mtp'))}")
+                         in_memory=in_memory, progress=True, mtp=mtp)
     ops = ", ".join(graph.custom_ops) or "standard ONNX ops only"
     resumed = graph.weights.get("resumed_after", 0) if graph.weights else 0
     note = f", resumed after {resumed} tensors" if resumed else ""
-    console.print(f"[green]exported[/] {escape(model)} → {escape(str(out))}  ({graph.model.num_layers} layers, target {target}, {ops}{note})")
+    console.print(f"[green]exported[/] {escape(model)} → {escape(str(out))}  ({graph.model.num_layers} layers{' + its MTP head' if mtp else ''}, target {target}, {ops}{note})")

@@ -33,7 +33,7 @@ def run(
         "Speculative decoding: ngram (prompt lookup), draft:PATH (a smaller export, same tokenizer), draft (the "
         "one a build carries: build --draft) or mtp (the model's own MTP head: export --mtp). Same output when "
         "greedy, same distribution when sampling.")),
-    draft_tokens: int = typer.Option(None, "--draft-tokens", help="Tokens proposed per step with --speculative (default 4)."),
+    draft_tokens: int = typer.Option(None, "--draft-tokens", help="Tokens proposed per step with --speculative (default 4; mtp: 1)."),
 ) -> None:
     """Generate from PROMPT with the exported model (greedy unless a sampling option is given)."""
     from edgekit.generate import Sampling
@@ -50,9 +50,10 @@ def run(
         else:
             proposer = None
             if speculative is not None:
-                from edgekit.speculative import open_proposer
+                from edgekit.speculative import default_draft_tokens, open_proposer
 
                 proposer = open_proposer(speculative, session, sampling, threads)
+                draft_tokens = draft_tokens or default_draft_tokens(speculative)
             try:
                 _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out, proposer, draft_tokens)
             finally:  # a draft or MTP session may hold device memory, like the target's
@@ -65,7 +66,7 @@ def _check_speculative(speculative: str | None, draft_tokens: int | None, chat: 
     """Refuse, before loading anything, --speculative options that cannot apply."""
     from edgekit.speculative import check_draft_tokens
 
-    check_draft_tokens(draft_tokens, speculative is not None)
+    check_draft_tokens(draft_tokens, speculative is not None, speculative)
     if speculative is not None and chat:
         raise EdgekitError("--speculative applies to one completion, not --chat", "drop --chat or --speculative")
 
@@ -103,9 +104,9 @@ def _complete(session, prompt, prompt_ids, max_new_tokens, sampling, json_out, p
     if proposer is None:
         result = generate(session, ids, max_new_tokens, sampling, model.eos_token_ids, on_token=on_token)
     else:
-        from edgekit.speculative import DEFAULT_DRAFT_TOKENS, generate_speculative
+        from edgekit.speculative import generate_speculative
 
-        result = generate_speculative(session, ids, max_new_tokens, proposer, draft_tokens or DEFAULT_DRAFT_TOKENS,
+        result = generate_speculative(session, ids, max_new_tokens, proposer, draft_tokens,
                                       sampling, model.eos_token_ids, on_token=on_token)
     text = tokenizer.decode(result.token_ids) if tokenizer else None
     speculation = _speculation(result)

@@ -48,7 +48,7 @@ def serve(
         "export with the same tokenizer), draft (the one a build carries: build --draft) or mtp (the model's "
         "MTP head, export --mtp: one request at a time). Greedy output is unchanged; sampling keeps the "
         "model's distribution.")),
-    draft_tokens: int = typer.Option(None, "--draft-tokens", help="Tokens proposed per step with --speculative (default 4)."),
+    draft_tokens: int = typer.Option(None, "--draft-tokens", help="Tokens proposed per step with --speculative (default 4; mtp: 1)."),
 ) -> None:
     """Serve PATH over HTTP with OpenAI-compatible /v1/completions and /v1/chat/completions."""
     require("fastapi", "serve")

@@ -20,7 +20,7 @@ from edgekit._files import atomic_dir, check_output, sha256_file
 from edgekit.engines.plan import BuildPlan, BuildRefused, QuantOptions, make_plan
 from edgekit.profiles import load_profile
 from edgekit.quantize import Progress
-from edgekit.types import DRAFT_FOLDER, MTP_FOLDER, SCHEMA_VERSION, SIDECAR, Engine, ExportedGraph
+from edgekit.types import DRAFT_FOLDER, SCHEMA_VERSION, SIDECAR, Engine, ExportedGraph
 
 __all__ = ["BuildPlan", "BuildRefused", "QuantOptions", "build_engine", "environment_problems", "plan_build"]
 
@@ -78,23 +78,14 @@ def build_engine(export_dir: str | Path, profile: str | Path, out: str | Path, r
             built["graph"] = made
         for name in graph.tokenizer_files:
             shutil.copy(graph.path / name, tmp / name)
-        if (graph.path / MTP_FOLDER / SIDECAR).is_file() and _returns_hidden(plan):  # the head proposes beside it
-            shutil.copytree(graph.path / MTP_FOLDER, tmp / MTP_FOLDER)
         if draft is not None:
-            shutil.copytree(draft, tmp / DRAFT_FOLDER, ignore=shutil.ignore_patterns(DRAFT_FOLDER, MTP_FOLDER))
+            shutil.copytree(draft, tmp / DRAFT_FOLDER, ignore=shutil.ignore_patterns(DRAFT_FOLDER))
         _write_sidecar(graph, plan, built, tmp, contract)
         if quality_text is not None and graph_only:
             _record_cpu_quality(graph, plan, tmp, quality_text, progress)
         elif quality_text is not None:
             _record_quality(graph, tmp, quality_text, progress)
     return Engine.load(out)
-
-
-def _returns_hidden(plan: BuildPlan) -> bool:
-    """Whether the build's sessions return the hidden states an MTP head (export --mtp) reads."""
-    from edgekit.runtimes.registry import get_runtime
-
-    return bool(getattr(get_runtime(plan.runtime), "hidden_states", False))
 
 
 def _check_draft(graph: ExportedGraph, draft: Path) -> None:

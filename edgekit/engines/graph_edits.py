@@ -13,6 +13,12 @@
                     (transB=1) reads the embedding table itself (fp32 builds only: int4 quantizes
                     the folded copy).
 
+    MTP head        (export --mtp) its LM head keeps the same rows, and the token its row t pairs
+                    with becomes the next input token where row t has no logits (a prompt's rows
+                    but the last): exactly the pair the head was trained on.
+
+        tokens (B, S) = Concat(input_ids[:, 1 : 1 + S - K], ArgMax(logits) (B, K))
+
 Packing the q/k/v and gate/up MatMuls into one each (+ Split) was tried and removed: no
 measurable change in decode or prefill, fp32 or int4 (benchmarks/NOTES.md).
 """
@@ -25,6 +31,7 @@ import numpy as np
 
 KEEP_INPUT = "logits_to_keep"
 MS_DOMAIN = "com.microsoft"
+MTP_LOGITS = "mtp_logits"  # edgekit.types.MTP_LOGITS (this module imports nothing of edgekit's at load)
 
 
 def edit_build(proto, untie: bool = True) -> dict[str, object]:
@@ -33,19 +40,22 @@ def edit_build(proto, untie: bool = True) -> dict[str, object]:
     head = lm_head(proto)
     if head is None:
         return done
+    mtp = lm_head(proto, MTP_LOGITS)
     if untie:
-        done["tied_lm_head"] = _read_tied_embedding(proto, head)
+        done["tied_lm_head"] = _read_tied_embedding(proto, [head, *([mtp] if mtp is not None else [])])
     done["logits_to_keep"] = _keep_last(proto, head)
+    if mtp is not None and done["logits_to_keep"]:
+        done["mtp_rows_kept"] = _keep_mtp_rows(proto, lm_head(proto, MTP_LOGITS))
     return done
 
 
 ELEMENTWISE = ("Cast", "Reshape", "Identity", "Mul", "Div", "Tanh")  # between the head and logits (softcap)
 
 
-def lm_head(proto):
-    """The (Fused)MatMul node whose output reaches ``logits`` through per-position ops only, or None."""
+def lm_head(proto, output: str = "logits"):
+    """The (Fused)MatMul node whose output reaches ``output`` through per-position ops only, or None."""
     producer = {out: node for node in proto.graph.node for out in node.output}
-    node = producer.get("logits")
+    node = producer.get(output)
     for _ in range(6):
         if node is None or node.op_type not in ELEMENTWISE:
             break
@@ -67,17 +77,19 @@ def _consumers(proto) -> dict[str, list]:
     return users
 
 
-def _read_tied_embedding(proto, head) -> bool:
-    """Point the LM head at the embedding table (transB) when it holds the same numbers."""
+def _read_tied_embedding(proto, heads: list) -> bool:
+    """Point the LM heads (the model's, an MTP head's) at the embedding table (transB) when their
+    weight holds the same numbers and nothing else reads it."""
     from onnx import helper
 
     from edgekit.quantize.tied import is_transpose
 
-    if head.op_type != "MatMul":
+    head = heads[0]
+    if any(h.op_type != "MatMul" or h.input[1] != head.input[1] for h in heads):
         return False
     inits, users = _initializers(proto), _consumers(proto)
     weight = inits.get(head.input[1])
-    if weight is None or len(weight.dims) != 2 or len(users[weight.name]) != 1:
+    if weight is None or len(weight.dims) != 2 or len(users[weight.name]) != len(heads):
         return False
     rows, cols = weight.dims  # (H, vocab)
     gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in inits
@@ -87,9 +99,9 @@ def _read_tied_embedding(proto, head) -> bool:
     table = inits[gathers[0].input[0]]
     if not is_transpose(table, weight):
         return False
-    fused = helper.make_node("FusedMatMul", [head.input[0], table.name], list(head.output), name=head.name,
-                             domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
-    _replace(proto, head, [fused])
+    for old in heads:
+        _replace(proto, old, [helper.make_node("FusedMatMul", [old.input[0], table.name], list(old.output),
+                                               name=old.name, domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)])
     proto.graph.initializer.remove(weight)
     _ensure_domain(proto)
     return True
@@ -119,6 +131,39 @@ def _keep_last(proto, head) -> bool:
     for offset, new in enumerate(nodes):
         proto.graph.node.insert(index + offset, new)
     node.input[0] = kept
+    return True
+
+
+def _keep_mtp_rows(proto, head) -> bool:
+    """With ``logits_to_keep``: the MTP head's LM head keeps the same last K rows, and the tokens its
+    rows pair with are the next input tokens where the target computed no logits, then ArgMax's K."""
+    from onnx import helper, numpy_helper
+
+    argmax = next((n for n in proto.graph.node if n.op_type == "ArgMax" and n.input[0] == "logits"), None)
+    if argmax is None:
+        return False
+    picked, p = argmax.output[0], "/edgekit/mtp_keep/"
+    users = [n for n in proto.graph.node if picked in n.input]
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), p + "one"))
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], [p + "ids_shape"], name=p + "ShapeIds", start=1, end=2),  # [S]
+        helper.make_node("Shape", [picked], [p + "kept"], name=p + "ShapeKept", start=1, end=2),  # [K]
+        helper.make_node("Sub", [p + "ids_shape", p + "kept"], [p + "given"], name=p + "Sub"),  # [S - K]
+        helper.make_node("Add", [p + "given", p + "one"], [p + "end"], name=p + "Add"),
+        helper.make_node("Slice", ["input_ids", p + "one", p + "end", p + "one"], [p + "next_ids"], name=p + "Slice"),
+        helper.make_node("Concat", [p + "next_ids", picked], [p + "tokens"], name=p + "Concat", axis=1),  # (B, S)
+    ]
+    index = list(proto.graph.node).index(argmax) + 1
+    for offset, new in enumerate(nodes):
+        proto.graph.node.insert(index + offset, new)
+    for user in users:
+        user.input[:] = [p + "tokens" if name == picked else name for name in user.input]
+    # the head's LM head: the same rows as the model's
+    sliced = p + "hidden"
+    proto.graph.node.insert(list(proto.graph.node).index(head), helper.make_node(
+        "Slice", [head.input[0], "/edgekit/keep/start", "/edgekit/keep/end", "/edgekit/keep/axis"], [sliced],
+        name=p + "SliceHidden"))
+    head.input[0] = sliced
     return True
 
 

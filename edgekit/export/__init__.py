@@ -39,6 +39,7 @@ TRACE_EXAMPLE = (2, 3, 5)
 def export_model(
     model: str, out: str | Path, target: str = "ort", dtype: str = "fp32", force: bool = False,
     quant: str = "none", block_size: int | None = None, in_memory: bool = False, progress: bool = False,
+    mtp: bool = False,
 ) -> ExportedGraph:
     """Export ``model`` (folder, preset or hub id) to ``out`` for ``target`` (one of ``TARGETS``).
 
@@ -47,7 +48,8 @@ def export_model(
     quantizes each on the way), so memory is bounded by the largest tensor, not the model.
     ``in_memory`` (or a checkpoint without safetensors) loads the model instead; the rest of the
     path is the same. Work happens in ``.<out>.partial`` beside ``out``, renamed when complete;
-    an interrupted export resumes there after its last complete tensor.
+    an interrupted export resumes there after its last complete tensor. ``mtp``: a Qwen3.5/3.6
+    checkpoint's MTP head runs inside the graph (edgekit.export.mtp), for ``--speculative mtp``.
     """
     from edgekit.errors import require
 
@@ -61,6 +63,10 @@ def export_model(
 
         check_block_size(block_size)
     require("torch", "export")
+    if mtp:  # before any work: a model without an MTP head is refused, not exported first
+        from edgekit.export.mtp import check_mtp
+
+        check_mtp(model)
     from edgekit.export import resolve
     from edgekit.export.archs import arch_for
     from edgekit.export.lower import TARGET_OPSETS
@@ -69,10 +75,15 @@ def export_model(
     config = resolve.load_config(folder)
     arch = arch_for(config, folder / "config.json")
     generation = resolve.load_generation_config(folder)
-    hf_model, source = _weights(folder, config, dtype, arch, in_memory)
-    settings = {"target": target, "dtype": dtype, "quant": quant, "block_size": block_size}
+    hf_model, source = _weights(folder, config, dtype, arch, in_memory, mtp)
+    layers = arch.layers()
+    if mtp:
+        from edgekit.export.mtp import mtp_layer
+
+        layers = (*layers, mtp_layer(arch))
+    settings = {"target": target, "dtype": dtype, "quant": quant, "block_size": block_size, "mtp": mtp}
     with _interruptible(out), resumable_dir(out, force, "export", resumable=journaled_tensors) as work:
-        onnx_model, figures = _build_graph(hf_model, arch, source, target, quant, block_size)
+        onnx_model, figures = _build_graph(hf_model, arch, layers, source, target, quant, block_size)
         written = _save(onnx_model, work / "model.onnx", [source.describe(), settings], progress)
         tokenizer_files = _copy_tokenizer(folder, work)
         graph = ExportedGraph(
@@ -84,7 +95,7 @@ def export_model(
             custom_ops=tuple(_custom_ops(onnx_model.graph)),
             inputs=_specs(onnx_model.graph.inputs),
             outputs=_specs(onnx_model.graph.outputs),
-            layers=arch.layers(),
+            layers=layers,
             kv_cache={"layout": "batch, kv_heads, sequence, head_dim", "shared_buffer": target == "ort", "dtype": dtype},
             versions=_versions(),
             ops=_op_types(onnx_model.graph),
@@ -110,26 +121,32 @@ def _interruptible(out: Path):
         raise ExportInterrupted("interrupted before any weight was written; nothing was kept") from None
 
 
-def _weights(folder: Path, config, dtype: str, arch, in_memory: bool):
-    """(model for tracing, weight source): meta parameters + the checkpoint, or the loaded model."""
+def _weights(folder: Path, config, dtype: str, arch, in_memory: bool, mtp: bool = False):
+    """(model for tracing, weight source): meta parameters + the checkpoint, or the loaded model.
+    ``mtp``: the model also holds its MTP head (before the source maps names, so mtp.* are mapped)."""
     from edgekit.export import checkpoint, resolve
+    from edgekit.export.mtp import attach_head
 
     if in_memory or not checkpoint.Checkpoint.available(folder):
         hf_model = resolve.load_model(folder, config, dtype, arch.auto_class)
+        if mtp:
+            attach_head(hf_model, folder, config, on_meta=False)
         return hf_model, checkpoint.StateDict(hf_model)
     with checkpoint.params_on_meta():
         hf_model = resolve.build_model(config, dtype, arch.auto_class)
+    if mtp:
+        attach_head(hf_model, folder, config, on_meta=True)
     return hf_model, checkpoint.Checkpoint(folder, hf_model)
 
 
-def _build_graph(hf_model, arch, source, target: str, quant: str, block_size: int | None):
+def _build_graph(hf_model, arch, layers, source, target: str, quant: str, block_size: int | None):
     """Trace, attach lazy weights, fold, optimize, lower, fold again, quantize: no weight is read."""
     import onnxscript
 
     from edgekit.export import checkpoint, lazy
     from edgekit.export.lower import lower
 
-    onnx_model, wrapper = _trace(hf_model, arch)
+    onnx_model, wrapper = _trace(hf_model, arch, layers)
     checkpoint.attach(onnx_model, wrapper, hf_model, source)
     lazy.fold(onnx_model)
     onnxscript.optimizer.optimize_ir(onnx_model, should_fold=lazy.is_lazy_input)
@@ -143,15 +160,16 @@ def _build_graph(hf_model, arch, source, target: str, quant: str, block_size: in
     return onnx_model, figures
 
 
-def io_names(layers) -> tuple[list[str], list[str]]:
-    """Graph input and output names, genai/optimum style for the KV cache."""
-    from edgekit.types import state_io
+def io_names(layers, mtp: bool = False) -> tuple[list[str], list[str]]:
+    """Graph input and output names, genai/optimum style for the KV cache (``mtp``: + the head's logits)."""
+    from edgekit.types import MTP_LOGITS, state_io
 
     states = state_io(layers)
-    return ["input_ids", "attention_mask", *[s.past for s in states]], ["logits", *[s.present for s in states]]
+    extra = [MTP_LOGITS] if mtp else []
+    return ["input_ids", "attention_mask", *[s.past for s in states]], ["logits", *[s.present for s in states], *extra]
 
 
-def _trace(hf_model, arch):
+def _trace(hf_model, arch, layers):
     """torch.onnx (dynamo) export of the wrapper; custom ops become ai.edgekit nodes. -> (model, wrapper)
 
     Not optimized here: its weights may be meta tensors, which constant folding cannot read.
@@ -169,7 +187,7 @@ def _trace(hf_model, arch):
     b, s = dim("batch_size"), dim("sequence_length")
     t, p = dim("total_sequence_length"), dim("past_sequence_length", min=0)
     states, dynamic_states = [], []
-    for io in state_io(arch.layers()):
+    for io in state_io(layers):
         layer = io.layer
         if layer.has_kv:
             states.append(torch.zeros(batch, layer.num_kv_heads, past_len, layer.head_dim, dtype=dtype))
@@ -181,7 +199,7 @@ def _trace(hf_model, arch):
     ids = torch.zeros(batch, seq, dtype=torch.int64)
     mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     dynamic = ({0: b, 1: s}, {0: b, 1: t}, tuple(dynamic_states))  # *states is one entry
-    inputs, outputs = io_names(arch.layers())
+    inputs, outputs = io_names(layers, mtp=wrapper.mtp is not None)
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper, (ids, mask, *states), dynamo=True, input_names=inputs, output_names=outputs,

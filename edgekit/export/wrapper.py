@@ -18,6 +18,7 @@ from torch import nn
 
 import edgekit.export.ops  # noqa: F401  (registers torch.ops.edgekit.*)
 from edgekit.export.archs.base import DecoderArch
+from edgekit.export.mtp import MtpHead
 
 ops = torch.ops.edgekit
 
@@ -39,11 +40,12 @@ def rotary_tables(rotary: nn.Module, max_pos: int, dtype: torch.dtype) -> tuple[
 
 
 class DecoderForExport(nn.Module):
-    """forward(input_ids, attention_mask, *states) -> (logits, *new_states).
+    """forward(input_ids, attention_mask, *states) -> (logits, *new_states[, mtp_logits]).
 
     states follow ``edgekit.types.state_io``: per attention layer key, value
     (B, KV, P, D); per linear-attention layer conv (B, C, K-1), recurrent (B, Hv, dk, dv).
-    Logits are float32 whatever the model dtype.
+    Logits are float32 whatever the model dtype. A model given an MTP head (``model.mtp``,
+    edgekit.export.mtp) runs it after the LM head, its layer's states last.
     """
 
     def __init__(self, model: nn.Module, arch: DecoderArch):
@@ -51,6 +53,9 @@ class DecoderForExport(nn.Module):
         self.arch = arch
         self.decoder = arch.decoder(model)
         self.lm_head = model.lm_head
+        head = getattr(model, "mtp", None)
+        # Registered here, so its weights are named mtp.*, as in the checkpoint (export --mtp).
+        self.mtp = head if isinstance(head, MtpHead) else None
         self.eps = float(arch.config.rms_norm_eps)
         self.derived: dict[int, tuple[nn.Parameter, object]] = {}  # id(new param) -> (old param, fn)
         arch.prepare(self)
@@ -60,6 +65,8 @@ class DecoderForExport(nn.Module):
             self.register_buffer(f"cos_{name}", cos, persistent=False)
             self.register_buffer(f"sin_{name}", sin, persistent=False)
         self.windows = [arch.layer_window(i) or 0 for i in range(arch.config.num_hidden_layers)]
+        if self.mtp is not None:
+            self.windows.append(0)  # the head's layer attends globally
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *states: torch.Tensor):
         hidden = self.arch.embed(self.decoder, input_ids)  # (B, S, hidden)
@@ -73,7 +80,12 @@ class DecoderForExport(nn.Module):
             new_states += produced
         hidden = self.arch.final_norm(self, hidden, residual)
         logits = self.arch.logits(self, hidden)  # (B, S, vocab) float32
-        return (logits, *new_states)
+        if self.mtp is None:
+            return (logits, *new_states)
+        from edgekit.export.mtp import mtp_forward
+
+        mtp_logits, produced = mtp_forward(self, self.mtp, hidden, logits, states[position: position + 2], attention_mask)
+        return (logits, *new_states, *produced, mtp_logits)
 
     def derive(self, module: nn.Module, name: str, fn) -> None:
         """Replace ``module.name`` by ``fn(it)``, recording how, for weights read later from the checkpoint.

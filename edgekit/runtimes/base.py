@@ -13,7 +13,6 @@ importing a runtime module costs nothing and works on any machine.
     Runtime.build(graph, plan, out) -> dict                  writes the engine files, returns facts
     Runtime.open(engine, threads=None, memory_map=None) -> Session
     Runtime.kv_copies, .strips_weights, .weight_quantization, .edits_graph   what the plan needs to know
-    Runtime.hidden_states                   whether a build carries an MTP head (its sessions return hidden states)
 
 A ``Session`` is one sequence on an engine with its cache. generate, validate, quality, bench
 and serve use nothing else:
@@ -83,7 +82,6 @@ class Runtime(Protocol):
     strips_weights: bool  # builds plans without weights, refitted at load
     weight_quantization: tuple[str, ...]  # --quant values it builds
     edits_graph: bool  # the build edits the saved graph (last-position logits, one tied LM head)
-    hidden_states: bool  # its sessions return the graph's hidden-state output (MTP proposes from it)
 
     def is_available(self) -> str | None: ...
 

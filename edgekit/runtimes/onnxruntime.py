@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import ArtifactError, EdgekitError, InternalError, RuntimeUnavailableError, require
-from edgekit.types import HIDDEN_OUTPUT, ExportedGraph, StateIO, state_io
+from edgekit.types import MTP_LOGITS, ExportedGraph, StateIO, state_io
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 KEEP_INPUT = "logits_to_keep"  # builds: how many last positions get logits, 0 = all
@@ -89,9 +89,9 @@ class OrtSession:
         defaults = {KEEP_INPUT: np.zeros(1, dtype=np.int64)} if self._takes_keep else None
         self.session = GuardedSession(self.session, graph, defaults)
         self._last_only = np.ones(1, dtype=np.int64)
-        # An export for MTP (edgekit.export.mtp) also outputs the LM head's input: the proposer reads it.
-        self._takes_hidden = HIDDEN_OUTPUT in {o.name for o in self.session.get_outputs()}
-        self.hidden: np.ndarray | None = None  # (S, hidden) of the last forward, on such a graph
+        # An export for MTP (edgekit.export.mtp) also outputs its head's logits: the proposer reads them.
+        self._takes_mtp = MTP_LOGITS in {o.name for o in self.session.get_outputs()}
+        self.mtp_logits: np.ndarray | None = None  # (S, vocab) of the last forward, on such a graph
         self.reset()
 
     def describe(self) -> str:
@@ -232,12 +232,12 @@ class OrtSession:
                 binding.bind_ortvalue_output(io.present, self._past[i])  # GQA writes in place
             else:
                 binding.bind_output(io.present, self.device)
-        if self._takes_hidden:
-            binding.bind_output(HIDDEN_OUTPUT, "cpu")  # last: the states keep their output indices
+        if self._takes_mtp:
+            binding.bind_output(MTP_LOGITS, "cpu")  # last: the states keep their output indices
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        if self._takes_hidden:
-            self.hidden = outputs[-1].numpy()[0]
+        if self._takes_mtp:
+            self.mtp_logits = outputs[-1].numpy()[0]
         for i, io in enumerate(self._io):
             if not io.layer.has_kv:
                 self._past[i], self._spare[i] = self._spare[i], self._past[i]

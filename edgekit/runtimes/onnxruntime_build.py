@@ -46,7 +46,6 @@ class OrtRuntime:
     weight_quantization: tuple[str, ...] = ()  # --quant values it builds (MatMulNBits / dynamic int8)
     edits_graph: bool = False  # last-position logits and one tied LM head (edgekit.engines.graph_edits)
     kv_copies: int = 1  # the KV cache is one buffer, written in place or grown
-    hidden_states: bool = True  # sessions return a graph's hidden-state output (an MTP head reads it)
     strips_weights: bool = False
     # GPU --precision int8: "weight_only" (DequantizeLinear → MatMul, fused to MatMulNBits) or
     # "w8a8" (SmoothQuant Q/DQ on weights and activations, as TensorRT takes INT8).

@@ -184,7 +184,6 @@ class TensorrtRuntime:
     family = "tensorrt"
     weight_quantization: tuple[str, ...] = ()
     kv_copies = 2  # present = concat(past, new) into the other buffer of a ping-pong pair
-    hidden_states = False  # the plan session binds logits and states only: no MTP head
     strips_weights = True
     # TensorRT quantizes INT8 as weights and activations (its weight-only quantization is INT4):
     # --precision int8 is SmoothQuant W8A8 Q/DQ (engines.plan.gpu_recipe).

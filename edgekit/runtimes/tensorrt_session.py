@@ -9,6 +9,7 @@ One step, batch 1 (``portable`` / ``decomposed`` graphs concatenate past + new i
     mask buffer (1, C_max) int64: ones, written once; a step binds its first past + S entries
     state i: buffer[i][p] ─past (1, KV, past, D)─▶ engine ─present (1, KV, past+S, D)─▶ buffer[i][1-p]
     logits buffer (1, S_max, vocab) ──D2H──▶ host: the last row (last_logits) or every row (forward)
+    mtp_logits buffer (export --mtp), the same shape ──D2H──▶ host when the MTP proposer reads it
 
 Why it is built this way:
 
@@ -43,7 +44,7 @@ import numpy as np
 
 from edgekit.errors import ArtifactError, InternalError, MissingDependencyError
 from edgekit.runtimes.cuda_stream import CudaStream, TensorrtRunError
-from edgekit.types import ExportedGraph, state_io
+from edgekit.types import MTP_LOGITS, ExportedGraph, state_io
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
 STATE_ROLES = ("key", "value", "conv", "recurrent")
@@ -108,12 +109,13 @@ def buffer_plan(graph: ExportedGraph, shape_profile: dict[str, dict[str, list[in
     prompt, context = shape_profile["input_ids"]["max"][1], shape_profile["attention_mask"]["max"][1]
     vocab = next(t.shape[-1] for t in graph.outputs if t.name == "logits")
     vocab = vocab if isinstance(vocab, int) else graph.model.vocab_size
+    heads = ["logits", *([MTP_LOGITS] if MTP_LOGITS in types else [])]  # an MTP head's rows: the same size
     if logits_budget is not None:
-        prompt = max(1, min(prompt, logits_budget // (vocab * ITEMSIZE[types["logits"]])))
+        prompt = max(1, min(prompt, logits_budget // (vocab * ITEMSIZE[types["logits"]] * len(heads))))
     buffers = [
         BufferSpec("input_ids", "ids", types["input_ids"], (1, prompt), ("input_ids",)),
         BufferSpec("attention_mask", "mask", types["attention_mask"], (1, context), ("attention_mask",)),
-        BufferSpec("logits", "logits", types["logits"], (1, prompt, vocab), ("logits",)),
+        *[BufferSpec(name, name, types[name], (1, prompt, vocab), (name,)) for name in heads],
     ]
     for io in state_io(graph.layers):
         top = shape_profile[io.past]["max"]
@@ -288,10 +290,18 @@ class PlanSession:
         self._length = past + new
         self._steps += 1
 
-    def _fetch(self, first_row: int, count: int) -> np.ndarray:
-        """Logits rows [first_row, first_row + count) of the last step, as float32."""
+    @property
+    def mtp_logits(self) -> np.ndarray | None:
+        """The last step's MTP head rows (S, vocab) float32, on a plan exported with --mtp; else None.
+        Downloaded when read: the proposer reads them once per verify."""
+        if MTP_LOGITS not in self._buffers or not self._steps:
+            return None
+        return self._fetch(0, self._ids.shape[1], MTP_LOGITS)
+
+    def _fetch(self, first_row: int, count: int, name: str = "logits") -> np.ndarray:
+        """Rows [first_row, first_row + count) of the last step's ``name`` (logits), as float32."""
         out = self._row if count == 1 else np.empty((count, self._row.shape[1]), dtype=self._row.dtype)
-        self.executor.download(self._buffers["logits"][0], first_row * self._row.shape[1] * self._row.itemsize, out)
+        self.executor.download(self._buffers[name][0], first_row * self._row.shape[1] * self._row.itemsize, out)
         if self._logits_dtype == "bfloat16":  # NumPy has no bfloat16: widen the upper half of a float32
             return (out.astype(np.uint32) << 16).view(np.float32)
         return out.astype(np.float32)  # a copy: the row buffer is reused

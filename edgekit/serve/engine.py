@@ -242,9 +242,9 @@ class SerialEngine:
         self.session, self.graph, self.max_context = session, session.graph, max_context
 
     @property
-    def hidden(self) -> np.ndarray | None:
-        """The last forward's hidden rows (S, hidden) on a graph that outputs them (MTP), else None."""
-        return getattr(self.session, "hidden", None)
+    def mtp_logits(self) -> np.ndarray | None:
+        """The last forward's MTP head rows (S, vocab) on a graph that runs the head (export --mtp), else None."""
+        return getattr(self.session, "mtp_logits", None)
 
     def prefill(self, row: int, ids: list[int], keep_all: bool = False) -> np.ndarray:
         """The prompt's last logits (vocab,), or with ``keep_all`` every position's (S, vocab)."""

@@ -15,9 +15,10 @@ A request with a grammar (json_schema, tools) decodes plainly: its mask depends 
 So does a sampled request with a ``seed``: speculation draws from its random stream differently than
 plain decoding does, and a batch decodes plainly, so its text would depend on the server's load.
 
-``mtp`` reads the target's hidden state at every committed position, which the batched engine does not
-return: a server speculating with the MTP head runs the serial engine (one request at a time, every
-step a verify that feeds the head), as the one-user device it is for.
+``mtp`` reads the head logits of the target's last forward (the head runs inside the target's graph),
+which the batched engine does not return: a server speculating with the MTP head runs the serial
+engine (one request at a time, every step a verify whose rows propose the next token), as the
+one-user device it is for.
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError, InternalError
-from edgekit.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens, draft_path
+from edgekit.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens, default_draft_tokens, draft_path
 from edgekit.speculative.verify import accept_greedy, accept_sampled
-from edgekit.types import SIDECAR
+from edgekit.types import MTP_LOGITS, SIDECAR
 
 SERVED = "ngram, draft:PATH, draft (the one a build carries) or mtp (the model's MTP head: export --mtp)"
-HIDDEN_CHOICES = ("mtp",)  # proposers that read the target's hidden states: served by the serial engine
+SERIAL_CHOICES = ("mtp",)  # proposers that read the MTP head's logits rows: served by the serial engine
 
 
 def check_choice(choice: str | None, draft_tokens: int | None) -> str | None:
     """Refuse, before anything loads, options speculation in serve cannot take; -> the choice with a
     draft's path made absolute (Ray replicas open it from another working directory)."""
-    check_draft_tokens(draft_tokens, choice is not None)
+    check_draft_tokens(draft_tokens, choice is not None, choice)
     if choice is None:
         return None
     path = draft_path(choice)
@@ -58,10 +59,10 @@ def open_speculator(choice: str, engine: Any, draft_tokens: int | None, threads:
     from edgekit.speculative import open_proposer
 
     choice = check_choice(choice, draft_tokens)
-    if choice in HIDDEN_CHOICES and engine.max_batch > 1:
-        raise InternalError(f"--speculative {choice} reads hidden states: it needs the serial engine")
-    return Speculator(open_proposer(choice, engine.session, threads=threads), draft_tokens or DEFAULT_DRAFT_TOKENS,
-                      choice)
+    if choice in SERIAL_CHOICES and engine.max_batch > 1:
+        raise InternalError(f"--speculative {choice} reads the MTP head's logits: it needs the serial engine")
+    return Speculator(open_proposer(choice, engine.session, threads=threads),
+                      draft_tokens or default_draft_tokens(choice), choice)
 
 
 class Speculator:
@@ -69,8 +70,8 @@ class Speculator:
 
     def __init__(self, proposer: Any, draft_tokens: int = DEFAULT_DRAFT_TOKENS, choice: str = ""):
         self.proposer, self.draft_tokens, self.choice = proposer, draft_tokens, choice
-        # the MTP head is fed after every target forward: each step is a verify, drafts or not
-        self.every_step = choice in HIDDEN_CHOICES
+        # the MTP head proposes from the last forward's rows: each step is a verify, drafts or not
+        self.every_step = choice in SERIAL_CHOICES
         self._job: Any = lambda: None  # a weak reference to the job the proposer follows (a draft's cache holds its text)
 
     def round(self, job: Any, engine: Any, metrics: Any) -> bool:
@@ -91,7 +92,7 @@ class Speculator:
             kept, token = accept_sampled(rows, drafts, probs, job.sampling, job.rng)
         job.length = engine.rollback(0, cached + len(pending) + kept)
         new = [*drafts[:kept], token]
-        self.proposer.observe(context + new, cached, getattr(engine, "hidden", None))
+        self.proposer.observe(context + new, cached, getattr(engine, MTP_LOGITS, None))
         committed = _commit(job, new, rows, metrics)
         metrics.speculative_proposed.inc(len(drafts))
         metrics.speculative_accepted.inc(min(kept, committed))  # not those after the reply's end
@@ -107,7 +108,7 @@ class Speculator:
             self._job = weakref.ref(job)
             if hasattr(self.proposer, "restart"):  # a draft or head samples as the request does
                 self.proposer.restart(job.sampling, job.sampling.seed)
-            self.proposer.observe(context, 0, getattr(engine, "hidden", None))  # the prefill's rows (serial)
+            self.proposer.observe(context, 0, getattr(engine, MTP_LOGITS, None))  # the prefill's rows (serial)
         k = min(self.draft_tokens, job.max_tokens - len(job.token_ids) - 1)
         room = engine.verify_room(job.length)
         if room is not None:  # the verify ends by a block end: the prefix cache's snapshot of states

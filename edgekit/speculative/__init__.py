@@ -27,12 +27,13 @@ from edgekit.errors import EdgekitError
 from edgekit.generate import Generation, Sampling, step_logits, sample
 from edgekit.speculative.base import Proposal, Proposer
 from edgekit.speculative.verify import accept_greedy, accept_sampled
+from edgekit.types import MTP_LOGITS
 
 DEFAULT_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 32  # a verify returns (k + 1, vocab) logits: 150k x 33 x 4 bytes = 20 MB at most
 
 __all__ = ["DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "Proposal", "Proposer", "SpeculativeGeneration",
-           "check_draft_tokens", "draft_path", "generate_speculative"]
+           "check_draft_tokens", "default_draft_tokens", "draft_path", "generate_speculative"]
 
 
 @dataclass
@@ -70,10 +71,10 @@ def generate_speculative(
     rng = np.random.default_rng(sampling.seed)
     session.reset(len(prompt_ids) + max_new_tokens + draft_tokens)
     clock = _Clock(result, on_token, eos_ids)
-    # As plain generate prefills (a build computes the last row's logits alone); an MTP target
-    # still outputs every row's hidden state, which its proposer reads.
+    # As plain generate prefills (a build computes the last row's logits alone); an MTP target's
+    # last row of head logits proposes the first token.
     context = [*prompt_ids, sample(step_logits(session, list(prompt_ids)), sampling, rng)]
-    proposer.observe(context, 0, getattr(session, "hidden", None))
+    proposer.observe(context, 0, getattr(session, MTP_LOGITS, None))
     if clock.emit(context[-1:]):
         return result
     while len(result.token_ids) < max_new_tokens:
@@ -101,7 +102,7 @@ def _round(session, proposer: Proposer, context: list[int], k: int, sampling: Sa
         kept, token = accept_sampled(rows, drafts, probs, sampling, rng)
     session.rollback(cached + len(pending) + kept)  # the rest is fed again next round
     new = [*drafts[:kept], token]
-    proposer.observe(context + new, cached, getattr(session, "hidden", None))
+    proposer.observe(context + new, cached, getattr(session, MTP_LOGITS, None))
     result.proposed += len(drafts)
     result.accepted += kept
     result.rounds += 1
@@ -135,15 +136,23 @@ class _Clock:
         return False
 
 
-def check_draft_tokens(draft_tokens: int | None, speculative: bool = True) -> None:
-    """Refuse ``--draft-tokens`` outside 1..MAX_DRAFT_TOKENS, or given without ``--speculative``
-    (``speculative`` False): run, serve and generate_speculative share it."""
+def check_draft_tokens(draft_tokens: int | None, speculative: bool = True, choice: str | None = None) -> None:
+    """Refuse ``--draft-tokens`` outside 1..MAX_DRAFT_TOKENS, given without ``--speculative``
+    (``speculative`` False), or above 1 for ``mtp``: run, serve and generate_speculative share it."""
     if draft_tokens is None:
         return
     if not speculative:
         raise EdgekitError("--draft-tokens applies with --speculative", "add --speculative ngram (or draft:PATH, draft, mtp)")
     if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise EdgekitError(f"--draft-tokens {draft_tokens} is outside 1..{MAX_DRAFT_TOKENS}", "e.g. --draft-tokens 4")
+    if choice == "mtp" and draft_tokens != 1:
+        raise EdgekitError(f"--draft-tokens {draft_tokens} with --speculative mtp: the MTP head proposes one token "
+                           "a round (it runs inside the target's forward)", "drop --draft-tokens")
+
+
+def default_draft_tokens(choice: str | None) -> int:
+    """Tokens a round proposes when ``--draft-tokens`` is not given: 1 for the MTP head, else 4."""
+    return 1 if choice == "mtp" else DEFAULT_DRAFT_TOKENS
 
 
 def draft_path(choice: str) -> str | None:

@@ -1,9 +1,9 @@
 """What a proposer is: it guesses the next tokens; the target verifies them in one forward.
 
     proposer.propose(context, k) -> Proposal     up to k tokens after ``context`` (the committed text)
-    proposer.observe(context, first, hidden)     after each target forward: the committed text now,
-                                                 and the target's hidden rows from position ``first``
-                                                 (None unless the target outputs them: MTP);
+    proposer.observe(context, first, rows)       after each target forward: the committed text now,
+                                                 and that forward's MTP head rows from position ``first``
+                                                 (None unless the target runs the head: export --mtp);
                                                  ``first == 0``: a new sequence (after the prefill), so
                                                  a proposer reused across generations starts afresh
     proposer.close()                             optional
@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-
-# The MTP contract lives in edgekit.types (the export and the proposer both read it); re-exported here.
-from edgekit.types import HIDDEN_INPUT, HIDDEN_OUTPUT, MTP_FOLDER  # noqa: F401
 
 
 @dataclass
@@ -33,4 +30,4 @@ class Proposer(Protocol):
 
     def propose(self, context: list[int], k: int) -> Proposal: ...
 
-    def observe(self, context: list[int], first_position: int, hidden: np.ndarray | None) -> None: ...
+    def observe(self, context: list[int], first_position: int, rows: np.ndarray | None) -> None: ...

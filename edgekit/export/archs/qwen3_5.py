@@ -57,7 +57,8 @@ class Qwen3_5(DecoderArch):
     def prepare(self, wrapper) -> None:
         # Qwen3_5RMSNorm computes norm(x) * (1 + w); edgekit's op computes norm(x) * w'.
         # The gated norm inside Gated DeltaNet is a plain w and is left alone.
-        for module in wrapper.decoder.modules():
+        heads = [wrapper.mtp] if wrapper.mtp is not None else []  # the MTP head's norms are (1 + w) too
+        for module in (m for root in (wrapper.decoder, *heads) for m in root.modules()):
             if type(module).__name__ == self.norm_class:
                 wrapper.derive(module, "weight", _one_plus)
 
