@@ -96,18 +96,19 @@ def trt_profile(cuda_ready):
 
 @pytest.fixture(scope="session")
 def export_of(tmp_path_factory):
-    """factory(preset, target) -> an fp32 export of a tiny preset (needs the export stack)."""
+    """factory(preset, target, mtp=False) -> an fp32 export of a tiny preset (needs the export stack);
+    ``mtp``: with its MTP head inside the graph (tiny-code-mtp)."""
     made = {}
 
-    def make(preset: str, target: str = "decomposed"):
+    def make(preset: str, target: str = "decomposed", mtp: bool = False):
         _need("torch", "transformers", "onnxscript", "onnxruntime")
         from edgekit.export import export_model
 
-        if (preset, target) not in made:
-            out = tmp_path_factory.mktemp("trt-session") / f"{preset}-{target}"
-            export_model(preset, out, target=target, dtype="fp32")
-            made[(preset, target)] = out
-        return made[(preset, target)]
+        if (preset, target, mtp) not in made:
+            out = tmp_path_factory.mktemp("trt-session") / f"{preset}-{target}{'-mtp' if mtp else ''}"
+            export_model(preset, out, target=target, dtype="fp32", mtp=mtp)
+            made[(preset, target, mtp)] = out
+        return made[(preset, target, mtp)]
 
     return make
 

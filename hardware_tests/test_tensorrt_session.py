@@ -23,15 +23,15 @@ def plan_of(trt_profile, export_of, tmp_path_factory):
 
     made = {}
 
-    def make(preset: str, precision: str, strip: bool = False):
-        if (preset, precision, strip) not in made:
-            export = export_of(preset)
+    def make(preset: str, precision: str, strip: bool = False, mtp: bool = False):
+        if (preset, precision, strip, mtp) not in made:
+            export = export_of(preset, mtp=mtp)
             graph = ExportedGraph.load(export)
             settings = tensorrt.plan_settings(graph, trt_profile, precision, strip_weights=strip)
             out = tmp_path_factory.mktemp("plan")
             settings = {**settings, **tensorrt.build(graph, settings, out)}
-            made[(preset, precision, strip)] = export, graph, settings, out / settings["plan_file"]
-        return made[(preset, precision, strip)]
+            made[(preset, precision, strip, mtp)] = export, graph, settings, out / settings["plan_file"]
+        return made[(preset, precision, strip, mtp)]
 
     return make
 
@@ -116,6 +116,22 @@ def test_hybrid_plan_matches_ort_cpu(plan_of):
     try:
         assert any(b.role == "recurrent" for b in session.plan.buffers)
         assert_matches(session, export, "fp32")
+    finally:
+        session.close()
+
+
+def test_a_plan_with_the_mtp_head_speculates_as_plain_greedy(plan_of):
+    """export --mtp on TensorRT: the plan's mtp_logits rows propose, and greedy output is plain decoding's."""
+    from edgekit.generate import generate
+    from edgekit.speculative import generate_speculative
+    from edgekit.speculative.mtp import open_mtp
+
+    export, graph, settings, plan = plan_of("tiny-code-mtp", "fp32", mtp=True)
+    session = open_session(graph, settings, plan)
+    try:
+        plain = generate(session, PROMPT, 24).token_ids
+        result = generate_speculative(session, PROMPT, 24, open_mtp(session), 1)
+        assert result.token_ids == plain and result.proposed > 0 and result.rounds < 23
     finally:
         session.close()
 

@@ -320,6 +320,6 @@ def _speculative(spec: str, label: str, variant: str, path: str, graph: Exported
     choice, _, k = variant.partition("@")
     if choice not in ("ngram", "mtp", "draft") or (choice == "draft") != bool(path) or (k and not k.isdigit()):
         raise ConfigError(f"--compare {spec!r} is not a speculative contender",
-                          "e.g. --compare speculative:ngram, speculative:mtp@2 or speculative:draft=/path/to/draft-export")
+                          "e.g. --compare speculative:ngram@4, speculative:mtp or speculative:draft=/path/to/draft-export")
     proposer = f"draft:{path}" if choice == "draft" else choice
     return SpeculativeContender(graph.path, proposer, int(k) if k else None, threads, name=label)

@@ -42,16 +42,23 @@ def quantize_graph(model: Any, quant: str, block_size: int | None = None,
     graph = model.graph
     matmuls = gathers = 0
     targets = _targets(graph)
-    weights = sum(w.shape[0] * w.shape[1] for node, w in targets if node.op_type == "MatMul")
+    weights = sum(w.shape[0] * w.shape[1] for w in {w.name: w for node, w in targets if node.op_type == "MatMul"}.values())
     search = bits == 4 and weights <= SEARCH_LIMIT
+    # A weight two nodes read (an MTP head's LM head and embedding lookup) is quantized once.
+    quantized: dict[tuple[str, str], list[Any]] = {}
     for node, weight in targets:
         if node.op_type == "MatMul":
-            _replace(graph, node, "MatMulNBits", [node.inputs[0], *_matmul_weights(graph, weight, bits, block, search)],
+            if (node.op_type, weight.name) not in quantized:
+                quantized[node.op_type, weight.name] = _matmul_weights(graph, weight, bits, block, search)
+            _replace(graph, node, "MatMulNBits", [node.inputs[0], *quantized[node.op_type, weight.name]],
                      {"K": weight.shape[0], "N": weight.shape[1], "bits": bits, "block_size": block,
                       "accuracy_level": accuracy_level})
             matmuls += 1
         elif embeddings and bits == 4 and node.attributes.get_int("axis", 0) == 0:
-            _replace(graph, node, "GatherBlockQuantized", _gather_inputs(graph, weight, node.inputs[1], block),
+            if (node.op_type, weight.name) not in quantized:
+                quantized[node.op_type, weight.name] = _gather_inputs(graph, weight, block)
+            data, scales, zero_points = quantized[node.op_type, weight.name]
+            _replace(graph, node, "GatherBlockQuantized", [data, node.inputs[1], scales, zero_points],
                      {"gather_axis": 0, "quantize_axis": 1, "block_size": block})
             gathers += 1
     graph.opset_imports.setdefault("com.microsoft", 1)
@@ -185,7 +192,8 @@ def _slicer(recipe: Any, axis: str):
     return lambda start, stop: whole[start:stop]
 
 
-def _gather_inputs(graph: Any, weight: Any, indices: Any, block: int) -> list[Any]:
+def _gather_inputs(graph: Any, weight: Any, block: int) -> list[Any]:
+    """The quantized table's (data, scales, zero points): GatherBlockQuantized's inputs but the indices."""
     import onnx_ir as ir
 
     rows, cols = weight.shape
@@ -196,7 +204,7 @@ def _gather_inputs(graph: Any, weight: Any, indices: Any, block: int) -> list[An
         (".scales", weight.const_value.dtype, (rows, blocks)),
         (".zero_points", ir.DataType.UINT4, (rows, blocks)),
     ])
-    return [data, indices, scales, zero_points]
+    return [data, scales, zero_points]
 
 
 def _quantize_rows(tensor: Any, block: int) -> tuple[np.ndarray, ...]:

@@ -152,12 +152,9 @@ class OrtSession:
                 self._past[i] = self._value(array, ("past", i))
         self._capacity = capacity
 
-    def forward(self, token_ids: list[int] | np.ndarray, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Append ``token_ids`` to the sequence; returns their logits, (S, vocab) float32.
-
-        ``inputs``: further graph inputs by name, (1, S, ...) each (an MTP head's target hidden states).
-        """
-        return self._run(token_ids, last_only=False, inputs=inputs)
+    def forward(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
+        """Append ``token_ids`` to the sequence; returns their logits, (S, vocab) float32."""
+        return self._run(token_ids, last_only=False)
 
     def last_logits(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
         """Append ``token_ids``; returns the last one's logits, (vocab,) float32.
@@ -205,8 +202,7 @@ class OrtSession:
         self._length, self._steps = marked, steps
         return marked
 
-    def _run(self, token_ids: list[int] | np.ndarray, last_only: bool,
-             inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def _run(self, token_ids: list[int] | np.ndarray, last_only: bool) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         total = self._length + ids.shape[1]
         if total > self.graph.model.max_position_embeddings:
@@ -221,8 +217,6 @@ class OrtSession:
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         if last_only and self._takes_keep:
             binding.bind_cpu_input(KEEP_INPUT, self._last_only)
-        for name, value in (inputs or {}).items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.bind_output("logits", "cpu")  # first, so get_outputs()[0] is the logits
         for i, io in enumerate(self._io):
             binding.bind_ortvalue_input(io.past, self._past[i])

@@ -122,6 +122,28 @@ def test_a_build_speculates_as_its_export_and_pairs_prompt_rows_with_their_next_
     assert accepted / proposed >= 0.5
 
 
+def test_an_int4_export_quantizes_each_shared_table_once(tmp_path, code_prompts):
+    """The head reads the model's embedding and LM head: `export --quant int4 --mtp` writes one quantized
+    copy of each table, read by both lookups and both heads, and the head's proposals are kept."""
+    import onnx
+
+    out = tmp_path / "int4"
+    done = edgekit("export", PRESET, "-o", str(out), "--mtp", "--quant", "int4")
+    assert done.returncode == 0, done.stderr
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    tables = [i.name for i in proto.graph.initializer if i.name.startswith("lm_head.weight") and i.name.endswith(".q4")]
+    assert sorted(tables) == ["lm_head.weight.q4", "lm_head.weight.transpose.q4"], tables  # the lookup's, the head's
+    readers = {table: sorted(n.op_type for n in proto.graph.node if table in n.input) for table in tables}
+    assert readers == {"lm_head.weight.q4": ["GatherBlockQuantized"] * 2,
+                       "lm_head.weight.transpose.q4": ["MatMulNBits"] * 2}
+    session = open_engine(out)
+    proposed = accepted = 0
+    for prompt in code_prompts:
+        result = generate_speculative(session, prompt, 24, open_mtp(session), 1)
+        proposed, accepted = proposed + result.proposed, accepted + result.accepted
+    assert accepted / proposed >= 0.5
+
+
 def test_serve_speculates_with_the_head_one_request_at_a_time(mtp_export, code_prompts):
     """`serve --speculative mtp` runs the serial engine (the batched one returns no head rows):
     replies equal plain decoding's, and the head's proposals are kept."""
