@@ -62,11 +62,12 @@ def editing_prompts(tokenizer, count: int, code_tokens: int) -> list[list[int]]:
 
 
 def heldout_windows(tokenizer, count: int, length: int) -> list[list[int]]:
-    """``count`` windows of ``length`` tokens of the held-out Python source, 100 tokens apart."""
+    """Up to ``count`` windows of ``length`` tokens of the held-out Python source, ``length`` tokens apart."""
     from edgekit.export.presets import TRAINED
 
     ids = tokenizer.encode((TRAINED["tiny-code"] / "heldout.txt").read_text())
-    return [ids[start:start + length] for start in range(0, count * 2 * length, 2 * length)]
+    starts = range(0, max(0, len(ids) - length + 1), 2 * length)
+    return [ids[start:start + length] for start in starts][:count]
 
 
 def measure(session, prompts, new_tokens: int, runs: int, proposer_factory, k: int, plain_session=None) -> dict:

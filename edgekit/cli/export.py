@@ -31,6 +31,9 @@ def export(
     mtp: bool = typer.Option(False, "--mtp", help=(
         "Qwen3.5/3.6: run the checkpoint's MTP head inside the graph (one more attention layer and an "
         "mtp_logits output), for `edgekit run --speculative mtp`.")),
+    mtp_vocab: int = typer.Option(None, "--mtp-vocab", help=(
+        "With --mtp: the head proposes only the first N token ids (the most frequent merges of a BPE "
+        "vocabulary), so it reads N rows of the LM head instead of all, e.g. 32768 of Qwen3.5's 248k.")),
 ) -> None:
     """Trace MODEL into ONNX with attention as custom ops, lowered for --target.
 
@@ -43,7 +46,7 @@ def export(
 
     console.print(f"Exporting {escape(model)} ({target}, {dtype}{'' if quant == 'none' else ', ' + quant})...")
     graph = export_model(model, out, target=target, dtype=dtype, force=force, quant=quant, block_size=block_size,
-                         in_memory=in_memory, progress=True, mtp=mtp)
+                         in_memory=in_memory, progress=True, mtp=mtp, mtp_vocab=mtp_vocab)
     ops = ", ".join(graph.custom_ops) or "standard ONNX ops only"
     resumed = graph.weights.get("resumed_after", 0) if graph.weights else 0
     note = f", resumed after {resumed} tensors" if resumed else ""

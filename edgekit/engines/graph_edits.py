@@ -42,7 +42,8 @@ def edit_build(proto, untie: bool = True) -> dict[str, object]:
         return done
     mtp = lm_head(proto, MTP_LOGITS)
     if untie:
-        done["tied_lm_head"] = _read_tied_embedding(proto, [head, *([mtp] if mtp is not None else [])])
+        shared = mtp is not None and mtp.input[1] == head.input[1]  # not with --mtp-vocab: its own rows
+        done["tied_lm_head"] = _read_tied_embedding(proto, [head, *([mtp] if shared else [])])
     done["logits_to_keep"] = _keep_last(proto, head)
     if mtp is not None and done["logits_to_keep"]:
         done["mtp_rows_kept"] = _keep_mtp_rows(proto, lm_head(proto, MTP_LOGITS))
@@ -85,7 +86,7 @@ def _read_tied_embedding(proto, heads: list) -> bool:
     from edgekit.quantize.tied import is_transpose
 
     head = heads[0]
-    if any(h.op_type != "MatMul" or h.input[1] != head.input[1] for h in heads):
+    if any(h.op_type != "MatMul" for h in heads):
         return False
     inits, users = _initializers(proto), _consumers(proto)
     weight = inits.get(head.input[1])

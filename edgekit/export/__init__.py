@@ -39,7 +39,7 @@ TRACE_EXAMPLE = (2, 3, 5)
 def export_model(
     model: str, out: str | Path, target: str = "ort", dtype: str = "fp32", force: bool = False,
     quant: str = "none", block_size: int | None = None, in_memory: bool = False, progress: bool = False,
-    mtp: bool = False,
+    mtp: bool = False, mtp_vocab: int | None = None,
 ) -> ExportedGraph:
     """Export ``model`` (folder, preset or hub id) to ``out`` for ``target`` (one of ``TARGETS``).
 
@@ -49,7 +49,8 @@ def export_model(
     ``in_memory`` (or a checkpoint without safetensors) loads the model instead; the rest of the
     path is the same. Work happens in ``.<out>.partial`` beside ``out``, renamed when complete;
     an interrupted export resumes there after its last complete tensor. ``mtp``: a Qwen3.5/3.6
-    checkpoint's MTP head runs inside the graph (edgekit.export.mtp), for ``--speculative mtp``.
+    checkpoint's MTP head runs inside the graph (edgekit.export.mtp), for ``--speculative mtp``;
+    ``mtp_vocab``: its LM head reads only the first that many ids (``edgekit.export.mtp.narrow_head``).
     """
     from edgekit.errors import require
 
@@ -63,10 +64,12 @@ def export_model(
 
         check_block_size(block_size)
     require("torch", "export")
+    if mtp_vocab is not None and not mtp:
+        raise EdgekitError("--mtp-vocab applies with --mtp", "add --mtp, or drop --mtp-vocab")
     if mtp:  # before any work: a model without an MTP head is refused, not exported first
         from edgekit.export.mtp import check_mtp
 
-        check_mtp(model)
+        check_mtp(model, mtp_vocab)
     from edgekit.export import resolve
     from edgekit.export.archs import arch_for
     from edgekit.export.lower import TARGET_OPSETS
@@ -81,9 +84,10 @@ def export_model(
         from edgekit.export.mtp import mtp_layer
 
         layers = (*layers, mtp_layer(arch))
-    settings = {"target": target, "dtype": dtype, "quant": quant, "block_size": block_size, "mtp": mtp}
+    settings = {"target": target, "dtype": dtype, "quant": quant, "block_size": block_size, "mtp": mtp,
+                "mtp_vocab": mtp_vocab}
     with _interruptible(out), resumable_dir(out, force, "export", resumable=journaled_tensors) as work:
-        onnx_model, figures = _build_graph(hf_model, arch, layers, source, target, quant, block_size)
+        onnx_model, figures = _build_graph(hf_model, arch, layers, source, target, quant, block_size, mtp_vocab)
         written = _save(onnx_model, work / "model.onnx", [source.describe(), settings], progress)
         tokenizer_files = _copy_tokenizer(folder, work)
         graph = ExportedGraph(
@@ -139,8 +143,10 @@ def _weights(folder: Path, config, dtype: str, arch, in_memory: bool, mtp: bool 
     return hf_model, checkpoint.Checkpoint(folder, hf_model)
 
 
-def _build_graph(hf_model, arch, layers, source, target: str, quant: str, block_size: int | None):
-    """Trace, attach lazy weights, fold, optimize, lower, fold again, quantize: no weight is read."""
+def _build_graph(hf_model, arch, layers, source, target: str, quant: str, block_size: int | None,
+                 mtp_vocab: int | None = None):
+    """Trace, attach lazy weights, fold, optimize, lower, fold again, (narrow the MTP head,) quantize:
+    no weight is read."""
     import onnxscript
 
     from edgekit.export import checkpoint, lazy
@@ -152,6 +158,10 @@ def _build_graph(hf_model, arch, layers, source, target: str, quant: str, block_
     onnxscript.optimizer.optimize_ir(onnx_model, should_fold=lazy.is_lazy_input)
     lower(onnx_model, target)
     lazy.fold(onnx_model)
+    if mtp_vocab is not None:
+        from edgekit.export.mtp import narrow_head
+
+        narrow_head(onnx_model, mtp_vocab)
     figures = None
     if quant != "none":
         from edgekit.export.quantize import quantize_graph

@@ -135,9 +135,10 @@ def mtp_forward(wrapper, head: MtpHead, hidden, logits, states: tuple, mask):
     return arch.logits(wrapper, out), produced
 
 
-def check_mtp(model: str):
-    """(folder, config) of ``model`` when it has a Qwen3.5 MTP head with its tensors; else the error that
-    says so. Reads the config and the safetensors' key lists only: a refusal comes before any export."""
+def check_mtp(model: str, vocab: int | None = None):
+    """(folder, config) of ``model`` when it has a Qwen3.5 MTP head with its tensors (and ``vocab``, the
+    head's ``--mtp-vocab``, fits its vocabulary); else the error that says so. Reads the config and the
+    safetensors' key lists only: a refusal comes before any export."""
     from edgekit.errors import ConfigError
     from edgekit.export import resolve
 
@@ -149,6 +150,9 @@ def check_mtp(model: str):
                           f"model_type {text.model_type})",
                           "--mtp applies to Qwen3.5/3.6 checkpoints that ship mtp.* tensors (mtp_num_hidden_layers: 1), "
                           "e.g. the tiny-code-mtp preset")
+    if vocab is not None and not 2 <= vocab <= text.vocab_size:
+        raise ConfigError(f"--mtp-vocab {vocab} is outside 2..{text.vocab_size} ({model}'s vocabulary)",
+                          "e.g. --mtp-vocab 32768, or leave it out for the whole vocabulary")
     _check_tensors(model, folder, config)
     return folder, config
 
@@ -184,3 +188,36 @@ def _checkpoint_keys(folder) -> set[str]:
         with safe_open(str(file), "pt") as f:
             keys.update(f.keys())
     return keys
+
+
+def narrow_head(model, vocab: int) -> bool:
+    """Make the head's LM head read only the first ``vocab`` rows of the model's (ids 0..vocab-1), in the
+    traced graph whose weights are still recipes: ``mtp_logits`` becomes (B, S, vocab) and the head's
+    share of a forward drops by (V - vocab) x H weights (a 248k-token table is most of a 0.8B model).
+
+    Byte-level BPE vocabularies number tokens in merge order, most frequent merges first, so the
+    first ids are the common ones (FR-Spec / EAGLE-3 draft vocabularies pick by corpus frequency).
+    Returns False when the head already reads no more rows than that."""
+    import onnx_ir as ir
+
+    from edgekit.export.lazy import make, recipe_of
+    from edgekit.types import MTP_LOGITS
+
+    output = next(v for v in model.graph.outputs if v.name == MTP_LOGITS)
+    node, chain = output.producer(), [output]
+    while node.op_type != "MatMul":  # the head's LM head, behind its float32 Cast
+        chain.append(node.inputs[0])
+        node = node.inputs[0].producer()
+    weight = node.inputs[1]
+    recipe = recipe_of(weight)
+    hidden, full = weight.shape
+    if recipe is None or recipe.by_source_rows() != "columns" or full <= vocab:
+        return False
+    tensor = make(lambda rows: recipe.load(rows or (0, vocab)), weight.const_value.dtype, (hidden, vocab),
+                  "mtp.lm_head.weight.transpose", recipe.steps)
+    narrow = ir.Value(name=tensor.name, shape=ir.Shape((hidden, vocab)), type=weight.type, const_value=tensor)
+    model.graph.register_initializer(narrow)
+    node.replace_input_with(1, narrow)
+    for value in chain:
+        value.shape = ir.Shape([*list(value.shape)[:-1], vocab])
+    return True

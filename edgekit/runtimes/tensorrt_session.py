@@ -115,13 +115,19 @@ def buffer_plan(graph: ExportedGraph, shape_profile: dict[str, dict[str, list[in
     buffers = [
         BufferSpec("input_ids", "ids", types["input_ids"], (1, prompt), ("input_ids",)),
         BufferSpec("attention_mask", "mask", types["attention_mask"], (1, context), ("attention_mask",)),
-        *[BufferSpec(name, name, types[name], (1, prompt, vocab), (name,)) for name in heads],
+        *[BufferSpec(name, name, types[name], (1, prompt, _columns(graph, name, vocab)), (name,)) for name in heads],
     ]
     for io in state_io(graph.layers):
         top = shape_profile[io.past]["max"]
         shape = (1, top[1], context, top[3]) if io.layer.has_kv else (1, *top[1:])
         buffers.append(BufferSpec(io.past, io.part, types[io.past], tuple(shape), (io.past, io.present), copies=2))
     return BufferPlan(tuple(buffers), prompt, context)
+
+
+def _columns(graph: ExportedGraph, output: str, vocab: int) -> int:
+    """The last dimension of ``output``: the vocabulary, or an MTP head's narrower one (--mtp-vocab)."""
+    last = next(t.shape[-1] for t in graph.outputs if t.name == output)
+    return last if isinstance(last, int) else vocab
 
 
 def step_shapes(graph: ExportedGraph, past_len: int, new_len: int) -> dict[str, tuple[int, ...]]:
@@ -173,6 +179,7 @@ class PlanSession:
         logits = plan.get("logits")
         self._logits_dtype = logits.dtype
         self._row = np.empty((1, logits.shape[-1]), dtype=_host_dtype(logits.dtype))
+        self._widths = {b.name: b.shape[-1] for b in plan.buffers if b.name in ("logits", MTP_LOGITS)}
         self.reset()
 
     def _check_dtypes(self) -> None:
@@ -300,8 +307,10 @@ class PlanSession:
 
     def _fetch(self, first_row: int, count: int, name: str = "logits") -> np.ndarray:
         """Rows [first_row, first_row + count) of the last step's ``name`` (logits), as float32."""
-        out = self._row if count == 1 else np.empty((count, self._row.shape[1]), dtype=self._row.dtype)
-        self.executor.download(self._buffers[name][0], first_row * self._row.shape[1] * self._row.itemsize, out)
+        width = self._widths[name]
+        reuse = count == 1 and width == self._row.shape[1]
+        out = self._row if reuse else np.empty((count, width), dtype=self._row.dtype)
+        self.executor.download(self._buffers[name][0], first_row * width * self._row.itemsize, out)
         if self._logits_dtype == "bfloat16":  # NumPy has no bfloat16: widen the upper half of a float32
             return (out.astype(np.uint32) << 16).view(np.float32)
         return out.astype(np.float32)  # a copy: the row buffer is reused

@@ -7,7 +7,8 @@
 The head runs inside the target's graph (edgekit.export.mtp), so verifying a proposal and making the
 next one is a single forward: on a model whose forward is mostly per-call cost, two calls a round
 (target, then head) cost more than the tokens they saved. It proposes one token per round: chaining a
-second would need the head's own output at a row only the verify decides. The row t that proposes
+second would need the head's own output at a row only the verify decides. An export with
+``--mtp-vocab N`` proposes among the first N ids (row i of ``mtp_logits`` is token i). The row t that proposes
 after token t + 1 paired h_t with the target's greedy token at t; greedy decoding commits exactly
 that token, so the proposal is the head's on the committed text. A sampled token may differ from it:
 the proposal is then the head's guess after another token, and the rejection rule keeps the output
@@ -32,13 +33,14 @@ def open_mtp(session, sampling: Sampling = Sampling(), threads: int | None = Non
     if not hasattr(session, MTP_LOGITS):
         raise ArtifactError(f"{session.graph.path}: this runtime's sessions do not return the MTP head's logits "
                             "(MTP runs on ONNX Runtime sessions, of an export or a build)", hint)
-    return MtpProposer(sampling, sampling.seed)
+    return MtpProposer(sampling, sampling.seed, session.graph.model.vocab_size)
 
 
 class MtpProposer:
     """Propose the head's token for the position after the committed text, from the last forward's rows."""
 
-    def __init__(self, sampling: Sampling = Sampling(), seed: int | None = None):
+    def __init__(self, sampling: Sampling = Sampling(), seed: int | None = None, vocab: int | None = None):
+        self.vocab = vocab  # the target's; an export with --mtp-vocab N proposes among ids 0..N-1 only
         self.logits: np.ndarray | None = None  # the head's prediction for the token after the committed text
         self.at = -1  # the committed length that prediction follows
         self.restart(sampling, seed)
@@ -65,7 +67,10 @@ class MtpProposer:
         if self.sampling.greedy:
             return Proposal([int(np.argmax(self.logits))])
         p = distribution(self.logits, self.sampling)
-        return Proposal([int(self.rng.choice(p.size, p=p))], [p])
+        token = int(self.rng.choice(p.size, p=p))
+        if self.vocab is not None and p.size < self.vocab:  # the rejection rule compares full rows
+            p = np.pad(p, (0, self.vocab - p.size))
+        return Proposal([token], [p])
 
     def close(self) -> None:
         """Nothing to release: the head is the target's."""

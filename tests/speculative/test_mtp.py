@@ -144,6 +144,31 @@ def test_an_int4_export_quantizes_each_shared_table_once(tmp_path, code_prompts)
     assert accepted / proposed >= 0.5
 
 
+def test_a_narrower_head_vocabulary_proposes_among_the_first_ids(tmp_path, code_prompts):
+    """`--mtp-vocab 1024`: the head's LM head holds the first 1024 rows, its logits are 1024 wide, and
+    greedy and sampled speculation keep working (the rejection rule gets full-vocabulary rows)."""
+    import onnx
+
+    out = tmp_path / "narrow"
+    done = edgekit("export", PRESET, "-o", str(out), "--mtp", "--mtp-vocab", "1024")
+    assert done.returncode == 0, done.stderr
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    narrow = next(i for i in proto.graph.initializer if i.name == "mtp.lm_head.weight.transpose")
+    assert list(narrow.dims) == [128, 1024]
+    session = open_engine(out)
+    proposed = accepted = 0
+    for prompt in code_prompts:
+        result = generate_speculative(session, prompt, 32, open_mtp(session), 1)
+        assert result.token_ids == generate(session, prompt, 32).token_ids
+        assert session.mtp_logits.shape[-1] == 1024
+        proposed, accepted = proposed + result.proposed, accepted + result.accepted
+    assert accepted / proposed >= 0.6
+    sampling = Sampling(temperature=0.7, seed=5)
+    proposer = open_mtp(session, sampling)
+    sampled = generate_speculative(session, code_prompts[0], 32, proposer, 1, sampling)
+    assert len(sampled.token_ids) == 32 and sampled.accepted > 0
+
+
 def test_serve_speculates_with_the_head_one_request_at_a_time(mtp_export, code_prompts):
     """`serve --speculative mtp` runs the serial engine (the batched one returns no head rows):
     replies equal plain decoding's, and the head's proposals are kept."""
@@ -171,8 +196,8 @@ def test_serve_speculates_with_the_head_one_request_at_a_time(mtp_export, code_p
 
 def test_the_tensorrt_session_speculates_with_the_head(tmp_path, code_prompts):
     """The graph a TensorRT plan is built from keeps the head; the plan session's stepping code (run on
-    ONNX Runtime CPU, tests/runtimes/test_tensorrt_session.py) binds and returns its rows, and greedy
-    MTP gives plain decoding's tokens."""
+    ONNX Runtime CPU, tests/runtimes/test_tensorrt_session.py) binds and returns its rows (here 1024
+    wide: --mtp-vocab), and greedy MTP gives plain decoding's tokens."""
     import dataclasses
 
     from edgekit.engines import build_engine
@@ -183,7 +208,7 @@ def test_the_tensorrt_session_speculates_with_the_head(tmp_path, code_prompts):
     from tests.runtimes.test_tensorrt_session import OrtExecutor
 
     export = tmp_path / "decomposed"
-    done = edgekit("export", PRESET, "-o", str(export), "--mtp", "--target", "decomposed")
+    done = edgekit("export", PRESET, "-o", str(export), "--mtp", "--mtp-vocab", "1024", "--target", "decomposed")
     assert done.returncode == 0, done.stderr
     build = build_engine(export, "jetson-orin-nano-8gb", tmp_path / "build", runtime="tensorrt", graph_only=True)
     import onnx
@@ -198,6 +223,7 @@ def test_the_tensorrt_session_speculates_with_the_head(tmp_path, code_prompts):
     prompt = code_prompts[1]
     result = generate_speculative(session, prompt, 24, open_mtp(session), 1)
     assert result.token_ids == generate(open_engine(export), prompt, 24).token_ids and result.accepted > 0
+    assert session.mtp_logits.shape[1] == 1024
 
 
 def test_sampled_mtp_keeps_proposals_and_repeats_under_a_seed(mtp_export, code_prompts):
@@ -274,6 +300,11 @@ def test_export_mtp_refuses_a_checkpoint_without_its_tensors_before_exporting(tm
 def test_mtp_refusals_as_printed(exported, tmp_path):
     assert_refused(edgekit("export", "tiny-qwen3", "-o", str(tmp_path / "x"), "--mtp"),
                    "error: tiny-qwen3 has no Qwen3.5 MTP head", "hint: --mtp applies to Qwen3.5/3.6")
+    assert_refused(edgekit("export", PRESET, "-o", str(tmp_path / "x"), "--mtp-vocab", "512"),
+                   "error: --mtp-vocab applies with --mtp", "hint: add --mtp, or drop --mtp-vocab")
+    assert_refused(edgekit("export", PRESET, "-o", str(tmp_path / "x"), "--mtp", "--mtp-vocab", "1"),
+                   "error: --mtp-vocab 1 is outside 2..2048 (tiny-code-mtp's vocabulary)",
+                   "hint: e.g. --mtp-vocab 32768")
     assert not (tmp_path / "x").exists()
     plain = exported("Qwen3_5ForCausalLM")
     assert_refused(edgekit("run", str(plain), "--prompt-ids", "1,2", "--speculative", "mtp"),
