@@ -109,18 +109,22 @@ def verify_cost(session, context: int, ks=(1, 2, 4, 8), repeats: int = 5) -> dic
     return {f"k={k}": round(ms / out[0], 2) for k, ms in out.items() if k}
 
 
-def mtp_round_cost(plain, head, context: int = 300, repeats: int = 15) -> float:
+def mtp_round_cost(plain, head, context: int = 300, repeats: int = 21) -> float:
     """Median ms of a 2-token forward on ``head`` (an export with its MTP head: one MTP round) over a
-    1-token step on ``plain`` (the export without it), both at ``context`` cached tokens, alternated."""
+    1-token step on ``plain`` (the export without it), both at ``context`` cached tokens, alternated
+    (each step rolled back to the prefilled context)."""
     ids = list(range(10, 10 + context))
+    for session in (plain, head):
+        session.reset(context + 16)
+        session.forward(ids)
     times = {"plain": [], "head": []}
     for _ in range(repeats):
         for name, session, fed in (("plain", plain, [20]), ("head", head, [20, 21])):
-            session.reset(context + 16)
-            session.forward(ids)
+            session.checkpoint()
             start = time.perf_counter()
             session.forward(fed)
             times[name].append((time.perf_counter() - start) * 1000)
+            session.rollback(context)
     return round(statistics.median(times["head"]) / statistics.median(times["plain"]), 3)
 
 
@@ -172,6 +176,8 @@ def main() -> None:
     code = open_engine(export("tiny-code", work / "tiny-code"), threads=args.threads)
     hybrid = open_engine(export("tiny-code-mtp", work / "tiny-code-mtp-plain"), threads=args.threads)
     mtp = open_engine(export("tiny-code-mtp", work / "tiny-code-mtp-head", "--mtp"), threads=args.threads)
+    narrow = open_engine(export("tiny-code-mtp", work / "tiny-code-mtp-head1024", "--mtp", "--mtp-vocab", "1024"),
+                         threads=args.threads)
     tokenizer = load_tokenizer(code.graph)
     prompts = editing_prompts(tokenizer, args.prompts, 200) + heldout_windows(tokenizer, args.prompts, 100)
     n, runs = args.new_tokens, args.runs
@@ -180,6 +186,8 @@ def main() -> None:
         "tiny-code-mtp · prompt lookup k=4": measure(hybrid, prompts, n, runs, lambda s: NgramProposer(), 4),
         "tiny-code-mtp · MTP vs plain without the head": measure(mtp, prompts, n, runs, open_mtp, 1, hybrid),
         "tiny-code-mtp · MTP vs plain of the same export": measure(mtp, prompts, n, runs, open_mtp, 1),
+        "tiny-code-mtp · MTP --mtp-vocab 1024 vs plain without the head": measure(
+            narrow, prompts, n, runs, open_mtp, 1, hybrid),
         "tiny-code-mtp · draft tiny-code k=3": measure(
             hybrid, prompts, n, runs, lambda s: DraftProposer(open_engine(work / "tiny-code", threads=args.threads)), 3),
     }
@@ -194,11 +202,14 @@ def main() -> None:
     if not args.skip_0_8b:
         model = str(make_mtp_model(work / "qwen3_5-0.8b-mtp"))
         plain = open_engine(export(model, work / "qwen3_5-0.8b-int4", "--quant", "int4"), threads=args.threads)
-        head = open_engine(export(model, work / "qwen3_5-0.8b-int4-mtp", "--quant", "int4", "--mtp"), threads=args.threads)
-        cost = mtp_round_cost(plain, head)
         a = results["tiny-code-mtp · MTP vs plain without the head"]["acceptance_rate"]
-        results["Qwen3.5-0.8B shape int4 · MTP round / plain step"] = {
-            "cost": cost, "at_acceptance": a, "projected_speedup": round((1 + a) / cost, 2)}
+        for label, extra in (("", ()), (" --mtp-vocab 32768", ("--mtp-vocab", "32768"))):
+            name = "qwen3_5-0.8b-int4-mtp" + ("32k" if extra else "")
+            head = open_engine(export(model, work / name, "--quant", "int4", "--mtp", *extra), threads=args.threads)
+            cost = mtp_round_cost(plain, head)
+            results[f"Qwen3.5-0.8B shape int4 · MTP{label} round / plain step"] = {
+                "cost": cost, "at_acceptance": a, "projected_speedup": round((1 + a) / cost, 2)}
+            head.close()
     settings = {"new_tokens": n, "runs": runs, "prompts": len(prompts), "threads": args.threads}
     if not args.quick:  # a quick run's figures mean nothing: not written where the results live
         (HERE / "results").mkdir(exist_ok=True)
