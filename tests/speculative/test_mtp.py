@@ -194,6 +194,24 @@ def test_serve_speculates_with_the_head_one_request_at_a_time(mtp_export, code_p
     server.speculator.close()
 
 
+def test_the_batched_engine_serves_an_export_with_the_head_plainly(mtp_export, code_prompts):
+    """Without --speculative the head's layer is one more KV cache to the batched engine: two requests
+    in one batch get plain decoding's tokens."""
+    from edgekit.serve.app import Server, ServeConfig
+    from edgekit.serve.engine import BatchedEngine
+    from edgekit.serve.scheduler import Job
+
+    server = Server(mtp_export, ServeConfig(max_batch=4, max_context=256, threads=1))
+    assert isinstance(server.engine, BatchedEngine)
+    jobs = [Job(p, 12, Sampling(temperature=0), (), [], None, lambda e: None) for p in code_prompts[:2]]
+    for job in jobs:
+        server.scheduler.submit(job)
+    while server.scheduler.waiting or server.scheduler.active:
+        server.scheduler.step()
+    session = open_engine(mtp_export)
+    assert [j.token_ids for j in jobs] == [generate(session, p, 12).token_ids for p in code_prompts[:2]]
+
+
 def test_the_tensorrt_session_speculates_with_the_head(tmp_path, code_prompts):
     """The graph a TensorRT plan is built from keeps the head; the plan session's stepping code (run on
     ONNX Runtime CPU, tests/runtimes/test_tensorrt_session.py) binds and returns its rows (here 1024
