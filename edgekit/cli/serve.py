@@ -46,7 +46,7 @@ def serve(
     speculative: str = typer.Option(None, "--speculative", help=(
         "Speculative decoding for a request decoding alone: ngram (prompt lookup), draft:PATH (a smaller "
         "export with the same tokenizer), draft (the one a build carries: build --draft) or mtp (the model's "
-        "MTP head, export --mtp: one request at a time). Greedy output is unchanged; sampling keeps the "
+        "MTP head, export --mtp). Greedy output is unchanged; sampling keeps the "
         "model's distribution.")),
     draft_tokens: int = typer.Option(None, "--draft-tokens", help="Tokens proposed per step with --speculative (default 4; mtp: 1)."),
 ) -> None:

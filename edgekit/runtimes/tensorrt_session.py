@@ -109,7 +109,7 @@ def buffer_plan(graph: ExportedGraph, shape_profile: dict[str, dict[str, list[in
     prompt, context = shape_profile["input_ids"]["max"][1], shape_profile["attention_mask"]["max"][1]
     vocab = next(t.shape[-1] for t in graph.outputs if t.name == "logits")
     vocab = vocab if isinstance(vocab, int) else graph.model.vocab_size
-    heads = ["logits", *([MTP_LOGITS] if MTP_LOGITS in types else [])]  # an MTP head's rows: the same size
+    heads = ["logits", *([MTP_LOGITS] if MTP_LOGITS in types else [])]  # an MTP head's rows: as many, maybe narrower
     if logits_budget is not None:
         prompt = max(1, min(prompt, logits_budget // (vocab * ITEMSIZE[types["logits"]] * len(heads))))
     buffers = [

@@ -38,7 +38,7 @@ from edgekit.serve.engine import serving_engine
 from edgekit.serve.metrics import Metrics
 from edgekit.serve.respond import answer
 from edgekit.serve.scheduler import Event, Job, Scheduler
-from edgekit.serve.speculate import SERIAL_CHOICES, check_choice, open_speculator
+from edgekit.serve.speculate import check_choice, open_speculator
 from edgekit.tokenizer import load_tokenizer
 from edgekit.types import ExportedGraph
 
@@ -83,10 +83,8 @@ class Server:
             raise EdgekitError(f"--prefill-batch {config.prefill_batch} must be >= 1",
                                "leave it out (prompts that join together share forwards), or 1: one per forward")
         speculative = check_choice(config.speculative, config.draft_tokens)
-        serial = (f"--speculative {speculative} reads the MTP head's logits, which the batched engine does not "
-                  "return; no prefix cache" if speculative in SERIAL_CHOICES else None)
         self.engine, self.serial_reason = serving_engine(self.graph, config.max_batch, self.max_context, config.threads,
-                                                         config.prefix_cache_mb << 20, config.prefill_batch, serial)
+                                                         config.prefix_cache_mb << 20, config.prefill_batch)
         self.max_context = self.engine.max_context  # the engine's own limit may be lower (a TensorRT plan's)
         self.tokenizer = load_tokenizer(self.graph)
         source = _template_source(self.graph)

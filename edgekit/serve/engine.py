@@ -10,6 +10,8 @@ Both expose the same small contract over *rows* 0..n-1 (n active sequences, alwa
     rollback(row, length) -> held           after a verify: keep `length` tokens; -> what the row holds
     verify_room(start) -> n or None         tokens a verify from `start` may feed (None: any)
                                             (speculative decoding: edgekit.serve.speculate)
+    mtp_logits -> (n, vocab) or None        row 0's MTP head rows of its last forward, the last at the
+                                            last position it fed (an export with --mtp)
 
 Batched cache (``ort`` target, every layer attention, CPU):
 
@@ -40,7 +42,7 @@ import numpy as np
 from edgekit.errors import InternalError
 from edgekit.runtimes.onnxruntime import KEEP_INPUT, OrtSession
 from edgekit.serve.prefix_cache import DEFAULT_BLOCK, Hit, PrefixCache
-from edgekit.types import ExportedGraph, state_io
+from edgekit.types import MTP_LOGITS, ExportedGraph, state_io
 
 if TYPE_CHECKING:
     from edgekit.serve.prefill import Prefilled
@@ -88,6 +90,10 @@ class BatchedEngine:
         # per row: states snapshot at block ends while decoding, for `remember` (models with states)
         self._snaps = [{} for _ in range(max_batch)] if self.prefix_cache and self.stateful else None
         self._verified: tuple = (None, 0, 0, None)  # (row, start, end, states) of the last verify
+        # An export with --mtp: per row, the head's rows of its last forward (the last at its last position).
+        self._takes_mtp = MTP_LOGITS in {o.name for o in session.session.get_outputs()}
+        self._heads: list[np.ndarray | None] = [None] * max_batch
+        self._mtp_out: np.ndarray | None = None  # (B, S or keep, vocab) of the last _run
 
     def _zeros(self, io) -> np.ndarray:
         layer = io.layer
@@ -111,8 +117,26 @@ class BatchedEngine:
             binding.bind_ortvalue_input(io.past, value)
             target = value if spare is None else ort.OrtValue.ortvalue_from_numpy(spare[rows])
             binding.bind_ortvalue_output(io.present, target)
+        if self._takes_mtp:
+            binding.bind_output(MTP_LOGITS, "cpu")  # last: its output index follows the states'
         self.session.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()  # (B, S, vocab)
+        outputs = binding.get_outputs()
+        self._mtp_out = outputs[-1].numpy() if self._takes_mtp else None
+        return outputs[0].numpy()  # (B, S, vocab)
+
+    @property
+    def mtp_logits(self) -> np.ndarray | None:
+        """Row 0's MTP head rows from its last forward (a verify's ``keep``, else one), or None."""
+        return self._heads[0]
+
+    def _keep_heads(self, first: int, lengths: list[int], width: int, keep: int) -> None:
+        """Per row of the last forward: its last ``keep`` (at least one) head rows at real positions."""
+        if self._mtp_out is None:
+            return
+        skipped = width - self._mtp_out.shape[1]  # positions the graph computed no rows for
+        for b, length in enumerate(lengths):
+            valid = self._mtp_out[b, :length - skipped]  # right padding left out
+            self._heads[first + b] = valid[-max(keep, 1):].copy()
 
     def prefill(self, row: int, ids: list[int], keep_all: bool = False) -> np.ndarray:
         """One prompt into ``row``: the last token's logits (vocab,), or every position's (S, vocab)
@@ -140,6 +164,7 @@ class BatchedEngine:
         mask = (np.arange(totals.max())[None, :] < totals[:, None]).astype(np.int64)  # (B, T)
         rows = slice(first, first + len(seqs))
         logits = self._run(ids, mask, rows, keep)
+        self._keep_heads(first, [len(s) for s in seqs], width, keep)
         for past, spare in zip(self.past, self.spare):
             if spare is not None:
                 past[rows] = spare[rows]
@@ -151,6 +176,7 @@ class BatchedEngine:
         mask = (np.arange(totals.max())[None, :] < totals[:, None]).astype(np.int64)  # (n, T) right padding
         ids = np.asarray(tokens, dtype=np.int64).reshape(n, 1)  # (n, 1)
         logits = self._run(ids, mask, slice(0, n), keep=1)[:, 0]
+        self._keep_heads(0, [1] * n, 1, 1)
         for i, spare in enumerate(self.spare):
             if spare is not None:  # the next states are in spare[:n]; rows >= n hold nothing
                 self.past[i], self.spare[i] = spare, self.past[i]
@@ -199,6 +225,7 @@ class BatchedEngine:
                 past[dst] = past[src]
         if self._snaps is not None:
             self._snaps[dst] = self._snaps[src]
+        self._heads[dst] = self._heads[src]
 
     def states(self, row: int) -> list[np.ndarray]:
         """Copies of a row's fixed-size states (a prefix-cache snapshot); [] for attention-only models."""
@@ -220,6 +247,7 @@ class BatchedEngine:
             buffer[row] = hit.entries[-1].states[i] if hit.length else 0
         if self._snaps is not None:
             self._snaps[row] = {}
+        self._heads[row] = None  # no forward of this sequence yet
 
     def remember(self, row: int, ids: list[int]) -> None:
         """Put a leaving row's sequence in the prefix cache: ``ids``, the prompt and the generated tokens
@@ -296,9 +324,8 @@ def rotary_in_kernel(graph: ExportedGraph) -> bool:
 
 
 def serving_engine(graph: ExportedGraph, max_batch: int, max_context: int, threads: int | None = None,
-                   prefix_cache_bytes: int = 0, prefill_batch: int | None = None, serial: str | None = None) -> Any:
-    """The batched engine when the graph allows it and ``max_batch`` > 1, else the serial one
-    (``serial``: a reason to serve one request at a time whatever the graph allows).
+                   prefix_cache_bytes: int = 0, prefill_batch: int | None = None) -> Any:
+    """The batched engine when the graph allows it and ``max_batch`` > 1, else the serial one.
 
     Returns the engine and, for a serial one, why it is not batched (None otherwise).
     """
@@ -307,7 +334,7 @@ def serving_engine(graph: ExportedGraph, max_batch: int, max_context: int, threa
     session = open_engine(graph.path, threads=threads)
     # A TensorRT plan holds the profile's context, which may be less than the model's.
     max_context = min(max_context, getattr(session, "max_context", max_context))
-    reason = (serial or batching_unsupported(session)) if max_batch > 1 else None
+    reason = batching_unsupported(session) if max_batch > 1 else None
     if max_batch > 1 and reason is None:
         engine = BatchedEngine(session, max_batch, max_context, prefix_cache_bytes, prefill_batch=prefill_batch)
         return engine, None

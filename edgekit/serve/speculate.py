@@ -15,10 +15,9 @@ A request with a grammar (json_schema, tools) decodes plainly: its mask depends 
 So does a sampled request with a ``seed``: speculation draws from its random stream differently than
 plain decoding does, and a batch decodes plainly, so its text would depend on the server's load.
 
-``mtp`` reads the head logits of the target's last forward (the head runs inside the target's graph),
-which the batched engine does not return: a server speculating with the MTP head runs the serial
-engine (one request at a time, every step a verify whose rows propose the next token), as the
-one-user device it is for.
+``mtp`` reads the head rows of the row's last forward (the head runs inside the target's graph, and
+engines keep each row's ``mtp_logits``): alone, every step of a request is a verify whose rows propose
+the next token; after plain batched steps the last one's row proposes.
 """
 
 from __future__ import annotations
@@ -27,13 +26,13 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import EdgekitError, InternalError
+from edgekit.errors import EdgekitError
 from edgekit.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens, default_draft_tokens, draft_path
 from edgekit.speculative.verify import accept_greedy, accept_sampled
 from edgekit.types import MTP_LOGITS, SIDECAR
 
 SERVED = "ngram, draft:PATH, draft (the one a build carries) or mtp (the model's MTP head: export --mtp)"
-SERIAL_CHOICES = ("mtp",)  # proposers that read the MTP head's logits rows: served by the serial engine
+HEAD_CHOICES = ("mtp",)  # proposers that read the engine's MTP head rows of the last forward
 
 
 def check_choice(choice: str | None, draft_tokens: int | None) -> str | None:
@@ -59,8 +58,6 @@ def open_speculator(choice: str, engine: Any, draft_tokens: int | None, threads:
     from edgekit.speculative import open_proposer
 
     choice = check_choice(choice, draft_tokens)
-    if choice in SERIAL_CHOICES and engine.max_batch > 1:
-        raise InternalError(f"--speculative {choice} reads the MTP head's logits: it needs the serial engine")
     return Speculator(open_proposer(choice, engine.session, threads=threads),
                       draft_tokens or default_draft_tokens(choice), choice)
 
@@ -71,8 +68,9 @@ class Speculator:
     def __init__(self, proposer: Any, draft_tokens: int = DEFAULT_DRAFT_TOKENS, choice: str = ""):
         self.proposer, self.draft_tokens, self.choice = proposer, draft_tokens, choice
         # the MTP head proposes from the last forward's rows: each step is a verify, drafts or not
-        self.every_step = choice in SERIAL_CHOICES
+        self.every_step = choice in HEAD_CHOICES
         self._job: Any = lambda: None  # a weak reference to the job the proposer follows (a draft's cache holds its text)
+        self._seen = 0  # the text length the proposer last observed
 
     def round(self, job: Any, engine: Any, metrics: Any) -> bool:
         """One verify step of ``job`` in row 0; False when plain decode should run instead (nothing
@@ -92,7 +90,10 @@ class Speculator:
             kept, token = accept_sampled(rows, drafts, probs, job.sampling, job.rng)
         job.length = engine.rollback(0, cached + len(pending) + kept)
         new = [*drafts[:kept], token]
-        self.proposer.observe(context + new, cached, getattr(engine, MTP_LOGITS, None))
+        heads = getattr(engine, MTP_LOGITS, None)  # the verify's last rows, the last at its last token
+        first = cached if heads is None else cached + len(pending) + len(drafts) - len(heads)
+        self.proposer.observe(context + new, first, heads)
+        self._seen = len(context) + len(new)
         committed = _commit(job, new, rows, metrics)
         metrics.speculative_proposed.inc(len(drafts))
         metrics.speculative_accepted.inc(min(kept, committed))  # not those after the reply's end
@@ -108,7 +109,11 @@ class Speculator:
             self._job = weakref.ref(job)
             if hasattr(self.proposer, "restart"):  # a draft or head samples as the request does
                 self.proposer.restart(job.sampling, job.sampling.seed)
-            self.proposer.observe(context, 0, getattr(engine, MTP_LOGITS, None))  # the prefill's rows (serial)
+            self.proposer.observe(context, 0, getattr(engine, MTP_LOGITS, None))  # the prefill's rows
+            self._seen = len(context)
+        elif self.every_step and self._seen != len(context):  # plain batched steps since: their last row
+            self.proposer.observe(context, 0, getattr(engine, MTP_LOGITS, None))
+            self._seen = len(context)
         k = min(self.draft_tokens, job.max_tokens - len(job.token_ids) - 1)
         room = engine.verify_room(job.length)
         if room is not None:  # the verify ends by a block end: the prefix cache's snapshot of states

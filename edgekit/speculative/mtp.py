@@ -52,12 +52,13 @@ class MtpProposer:
         self.rng = np.random.default_rng(None if seed is None else seed + 2)
 
     def observe(self, context: list[int], first_position: int, rows: np.ndarray | None) -> None:
-        """Keep the head's row that predicts the token after ``context`` (``rows``: the target's last
-        forward's ``mtp_logits``, its first row at ``first_position``)."""
-        if rows is None:
-            raise ArtifactError("the target returned no MTP logits", "re-export with --mtp")
-        row = len(context) - 2 - first_position  # pairs h at the newest token's predecessor with the newest
-        self.logits = rows[row] if 0 <= row < len(rows) else None
+        """Keep the head's row that predicts the token after ``context`` (``rows``: the last forward's
+        ``mtp_logits``, its first row at ``first_position``; after a prefill, ``first_position`` 0: its
+        last row). ``rows`` None (a prompt served whole from a prefix cache: no forward yet): nothing to
+        propose until the next forward."""
+        # the row that pairs h at the newest token's predecessor with the newest token
+        row = -1 if first_position == 0 else len(context) - 2 - first_position
+        self.logits = rows[row] if rows is not None and -1 <= row < len(rows) else None
         self.at = len(context)
 
     def propose(self, context: list[int], k: int) -> Proposal:

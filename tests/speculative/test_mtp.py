@@ -169,28 +169,36 @@ def test_a_narrower_head_vocabulary_proposes_among_the_first_ids(tmp_path, code_
     assert len(sampled.token_ids) == 32 and sampled.accepted > 0
 
 
-def test_serve_speculates_with_the_head_one_request_at_a_time(mtp_export, code_prompts):
-    """`serve --speculative mtp` runs the serial engine (the batched one returns no head rows):
-    replies equal plain decoding's, and the head's proposals are kept."""
+def test_serve_speculates_with_the_head_in_the_batched_engine(mtp_export, code_prompts):
+    """`serve --speculative mtp` batches: three requests decode together, the last one left speculates
+    from the head rows its engine row kept (through plain steps and row moves), and a repeated prompt
+    (a whole prefix-cache hit: no forward, no head rows) speculates after one plain verify. Every reply
+    is plain decoding's, and the head's proposals are kept."""
     from edgekit.serve.app import Server, ServeConfig
-    from edgekit.serve.engine import SerialEngine
+    from edgekit.serve.engine import BatchedEngine
     from edgekit.serve.scheduler import Job
 
     server = Server(mtp_export, ServeConfig(max_batch=4, max_context=256, threads=1, speculative="mtp"))
-    assert isinstance(server.engine, SerialEngine) and "--speculative mtp reads the MTP head's logits" in server.serial_reason
-    assert server.speculator.draft_tokens == 1
-    jobs = [Job(p, 24, Sampling(temperature=0), (), [], None, lambda e: None) for p in code_prompts]
-    for job in jobs:
-        server.scheduler.submit(job)
-    while server.scheduler.waiting or server.scheduler.active:
-        server.scheduler.step()
+    assert isinstance(server.engine, BatchedEngine) and server.serial_reason is None
+    assert server.speculator.draft_tokens == 1 and server.engine.prefix_cache is not None
+
+    def serve(prompts, lengths):
+        jobs = [Job(p, n, Sampling(temperature=0), (), [], None, lambda e: None) for p, n in zip(prompts, lengths)]
+        for job in jobs:
+            server.scheduler.submit(job)
+        while server.scheduler.waiting or server.scheduler.active:
+            server.scheduler.step()
+        return [j.token_ids for j in jobs]
+
     session = open_engine(mtp_export)
-    assert [j.token_ids for j in jobs] == [generate(session, p, 24).token_ids for p in code_prompts]
+    lengths = [6, 12, 32]
+    assert serve(code_prompts, lengths) == [generate(session, p, n).token_ids for p, n in zip(code_prompts, lengths)]
+    assert serve(code_prompts[2:], [32]) == [generate(session, code_prompts[2], 32).token_ids]
     text = server.metrics.render()
     proposed, accepted = (float(next(line.split()[-1] for line in text.splitlines()
                                      if line.startswith(f"edgekit_speculative_{what}_tokens_total "))) for what in
                           ("proposed", "accepted"))
-    assert accepted / proposed >= 0.5
+    assert proposed >= 20 and accepted / proposed >= 0.5
     server.speculator.close()
 
 
