@@ -141,8 +141,11 @@ def _keep_mtp_rows(proto, head) -> bool:
     from onnx import helper, numpy_helper
 
     argmax = next((n for n in proto.graph.node if n.op_type == "ArgMax" and n.input[0] == "logits"), None)
-    if argmax is None:
-        return False
+    if argmax is None:  # the head would pair K tokens with S rows: the first prompt would fail in ORT
+        from edgekit.errors import ArtifactError
+
+        raise ArtifactError("the graph has an MTP head but no ArgMax of its logits to pair its rows with",
+                            "re-export with edgekit export MODEL -o DIR --mtp")
     picked, p = argmax.output[0], "/edgekit/mtp_keep/"
     users = [n for n in proto.graph.node if picked in n.input]
     proto.graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), p + "one"))

@@ -161,7 +161,10 @@ def _build_graph(hf_model, arch, layers, source, target: str, quant: str, block_
     if mtp_vocab is not None:
         from edgekit.export.mtp import narrow_head
 
-        narrow_head(onnx_model, mtp_vocab)
+        if not narrow_head(onnx_model, mtp_vocab):
+            raise EdgekitError(f"--mtp-vocab {mtp_vocab}: the MTP head's LM head cannot be narrowed here "
+                               "(it already has that few rows, or its weight is not a plain table)",
+                               "leave --mtp-vocab out")
     figures = None
     if quant != "none":
         from edgekit.export.quantize import quantize_graph

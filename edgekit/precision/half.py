@@ -83,7 +83,7 @@ CONTROL_FLOW = {"Loop", "Scan", "If"}
 MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather", "Expand",
          "Identity", "Flatten"}  # data movement: values pass through unchanged
 STATE_INPUTS_FP32 = ("past_recurrent.",)
-STATE_OUTPUTS_FP32 = ("present_recurrent.", "logits")
+STATE_OUTPUTS_FP32 = ("present_recurrent.", "logits", "mtp_logits")  # the MTP head's too (export --mtp)
 
 
 def convert_to_half(proto: Any, dtype: str, keep: tuple[str, ...] | None = None) -> dict[str, Any]:

@@ -78,8 +78,14 @@ def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
     # ORT's GPTQ prints a progress bar on stdout, which `--json` keeps for the result alone.
     with contextlib.redirect_stdout(sys.stderr):
         if settings.quantization == "int4":
+            from edgekit.quantize import mtp
+
+            pairs = mtp.twins(proto)  # an MTP head's nodes on the model's tables: quantized with them, once
             with np.errstate(divide="ignore", invalid="ignore"):  # ORT's Gather quantizer divides by all-zero rows' scale 0
-                proto, figures = _int4(graph, proto, settings, lm_head, exclude, progress)
+                proto, figures = _int4(graph, proto, settings, lm_head, [*exclude, *mtp.excluded(proto, pairs)],
+                                       progress)
+            if pairs:
+                figures["mtp_nodes_shared"] = mtp.share_quantized(proto, pairs)
         else:
             figures = {"tied_table_shared": False}
             progress("int8: quantizing MatMuls", 0, 1)
@@ -96,10 +102,10 @@ def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
             "lm_head_node": lm_head, **figures}
 
 
-def _lm_head(proto) -> str | None:
-    """The MatMul whose output reaches ``logits`` (through at most a cast or reshape)."""
+def _lm_head(proto, output: str = "logits") -> str | None:
+    """The MatMul whose output reaches ``output`` (through at most a cast or reshape)."""
     producer = {out: node for node in proto.graph.node for out in node.output}
-    node = producer.get("logits")
+    node = producer.get(output)
     for _ in range(4):
         if node is None or node.op_type == "MatMul":
             break

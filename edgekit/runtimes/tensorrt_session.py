@@ -177,9 +177,9 @@ class PlanSession:
         executor.upload(self._buffers[mask.name][0], np.ones(mask.shape, dtype=mask.dtype))
         self._bindings = [self._addresses(parity) for parity in (0, 1)]
         logits = plan.get("logits")
-        self._logits_dtype = logits.dtype
         self._row = np.empty((1, logits.shape[-1]), dtype=_host_dtype(logits.dtype))
-        self._widths = {b.name: b.shape[-1] for b in plan.buffers if b.name in ("logits", MTP_LOGITS)}
+        # per logits output: (row width, dtype); an MTP head's may be narrower (--mtp-vocab)
+        self._rows = {b.name: (b.shape[-1], b.dtype) for b in plan.buffers if b.name in ("logits", MTP_LOGITS)}
         self.reset()
 
     def _check_dtypes(self) -> None:
@@ -307,11 +307,11 @@ class PlanSession:
 
     def _fetch(self, first_row: int, count: int, name: str = "logits") -> np.ndarray:
         """Rows [first_row, first_row + count) of the last step's ``name`` (logits), as float32."""
-        width = self._widths[name]
-        reuse = count == 1 and width == self._row.shape[1]
-        out = self._row if reuse else np.empty((count, width), dtype=self._row.dtype)
-        self.executor.download(self._buffers[name][0], first_row * width * self._row.itemsize, out)
-        if self._logits_dtype == "bfloat16":  # NumPy has no bfloat16: widen the upper half of a float32
+        width, dtype = self._rows[name]
+        reuse = name == "logits" and count == 1
+        out = self._row if reuse else np.empty((count, width), dtype=_host_dtype(dtype))
+        self.executor.download(self._buffers[name][0], first_row * width * out.itemsize, out)
+        if dtype == "bfloat16":  # NumPy has no bfloat16: widen the upper half of a float32
             return (out.astype(np.uint32) << 16).view(np.float32)
         return out.astype(np.float32)  # a copy: the row buffer is reused
 

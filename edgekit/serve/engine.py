@@ -129,14 +129,15 @@ class BatchedEngine:
         """Row 0's MTP head rows from its last forward (a verify's ``keep``, else one), or None."""
         return self._heads[0]
 
-    def _keep_heads(self, first: int, lengths: list[int], width: int, keep: int) -> None:
-        """Per row of the last forward: its last ``keep`` (at least one) head rows at real positions."""
+    def _keep_heads(self, first: int, lengths: list[int], width: int, rows: int = 1) -> None:
+        """Per row of the last forward: its last ``rows`` head rows at real positions (a verify's
+        ``keep``; one otherwise: a 150k-vocabulary row is 600 KB)."""
         if self._mtp_out is None:
             return
         skipped = width - self._mtp_out.shape[1]  # positions the graph computed no rows for
         for b, length in enumerate(lengths):
             valid = self._mtp_out[b, :length - skipped]  # right padding left out
-            self._heads[first + b] = valid[-max(keep, 1):].copy()
+            self._heads[first + b] = valid[-rows:].copy()
 
     def prefill(self, row: int, ids: list[int], keep_all: bool = False) -> np.ndarray:
         """One prompt into ``row``: the last token's logits (vocab,), or every position's (S, vocab)
@@ -164,7 +165,7 @@ class BatchedEngine:
         mask = (np.arange(totals.max())[None, :] < totals[:, None]).astype(np.int64)  # (B, T)
         rows = slice(first, first + len(seqs))
         logits = self._run(ids, mask, rows, keep)
-        self._keep_heads(first, [len(s) for s in seqs], width, keep)
+        self._keep_heads(first, [len(s) for s in seqs], width)
         for past, spare in zip(self.past, self.spare):
             if spare is not None:
                 past[rows] = spare[rows]
@@ -176,7 +177,7 @@ class BatchedEngine:
         mask = (np.arange(totals.max())[None, :] < totals[:, None]).astype(np.int64)  # (n, T) right padding
         ids = np.asarray(tokens, dtype=np.int64).reshape(n, 1)  # (n, 1)
         logits = self._run(ids, mask, slice(0, n), keep=1)[:, 0]
-        self._keep_heads(0, [1] * n, 1, 1)
+        self._keep_heads(0, [1] * n, 1)
         for i, spare in enumerate(self.spare):
             if spare is not None:  # the next states are in spare[:n]; rows >= n hold nothing
                 self.past[i], self.spare[i] = spare, self.past[i]
@@ -191,7 +192,9 @@ class BatchedEngine:
         logits (keep, vocab). A model with fixed-size states keeps the row's states first: they
         cannot drop positions, so a rollback returns to them."""
         self._verified = (row, start, start + len(ids), self.states(row) if self.stateful else None)
-        return self.forward(row, [ids], [start], keep)[0, -keep:]
+        logits = self.forward(row, [ids], [start], keep)[0, -keep:]
+        self._keep_heads(row, [len(ids)], len(ids), keep)  # the head rows the speculator reads
+        return logits
 
     def verify_room(self, start: int) -> int | None:
         """Tokens a verify from ``start`` may feed: up to the next block end, where a model with states

@@ -81,7 +81,7 @@ class DraftProposer:
                 self.cached.append(token)
         return Proposal(tokens, probs if not self.sampling.greedy else None)
 
-    def observe(self, context: list[int], first_position: int, hidden: np.ndarray | None) -> None:
+    def observe(self, context: list[int], first_position: int, rows: np.ndarray | None) -> None:
         """Roll the draft's cache back to what it shares with the committed text (a new sequence: empty it)."""
         if first_position == 0:  # a new generation: this proposer may be reused (bench runs, serve)
             self.session.reset()

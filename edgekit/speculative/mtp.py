@@ -57,8 +57,11 @@ class MtpProposer:
         last row). ``rows`` None (a prompt served whole from a prefix cache: no forward yet): nothing to
         propose until the next forward."""
         # the row that pairs h at the newest token's predecessor with the newest token
-        row = -1 if first_position == 0 else len(context) - 2 - first_position
-        self.logits = rows[row] if rows is not None and -1 <= row < len(rows) else None
+        if rows is None:
+            self.logits = None
+        else:
+            row = len(rows) - 1 if first_position == 0 else len(context) - 2 - first_position
+            self.logits = rows[row] if 0 <= row < len(rows) else None
         self.at = len(context)
 
     def propose(self, context: list[int], k: int) -> Proposal:

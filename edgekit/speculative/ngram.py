@@ -35,7 +35,7 @@ class NgramProposer:
                 return Proposal(follow)
         return Proposal([])
 
-    def observe(self, context: list[int], first_position: int, hidden: np.ndarray | None) -> None:
+    def observe(self, context: list[int], first_position: int, rows: np.ndarray | None) -> None:
         """Nothing to keep in step: the context is searched afresh."""
 
 

@@ -113,7 +113,15 @@ def test_a_build_speculates_as_its_export_and_pairs_prompt_rows_with_their_next_
     _, expected = _reference(torch.tensor([ids]), given)
     assert session.mtp_logits.shape == (1, expected.shape[1])
     np.testing.assert_allclose(session.mtp_logits[0], expected[-1], atol=1e-3)
-    int4 = open_engine(build_engine(mtp_export, "cpu-x86-64", tmp_path / "int4").path)
+    built = build_engine(mtp_export, "cpu-x86-64", tmp_path / "int4")
+    # the head's LM head and embedding lookup read the model's int4 tables: no float table is left
+    assert built.details["quantize"]["mtp_nodes_shared"] == 2
+    import onnx
+
+    proto = onnx.load(str(built.path / "model.onnx"), load_external_data=False)
+    assert not [t.name for t in proto.graph.initializer if list(t.dims) in ([2048, 128], [128, 2048])
+                and t.data_type == onnx.TensorProto.FLOAT]
+    int4 = open_engine(built.path)
     proposed = accepted = 0
     for prompt in code_prompts:
         result = generate_speculative(int4, prompt, 24, open_mtp(int4), 1)
