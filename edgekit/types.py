@@ -21,7 +21,7 @@ TARGETS = ("ort", "portable", "decomposed")
 # Multi-token prediction (Qwen3.5/3.6, export --mtp): the head runs inside the target's graph, one more
 # attention layer (its KV cache is the last of ``layers``) whose logits are this extra output, (batch, seq, vocab).
 MTP_LOGITS = "mtp_logits"
-# A draft model for speculative decoding travels the same way: `build --draft DRAFT` copies it here.
+# A draft model for speculative decoding travels inside a build: `build --draft DRAFT` copies it here.
 DRAFT_FOLDER = "draft"
 DTYPES = ("fp32", "fp16", "bf16")
 

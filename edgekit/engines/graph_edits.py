@@ -29,9 +29,10 @@ from collections import defaultdict
 
 import numpy as np
 
+from edgekit.types import MTP_LOGITS
+
 KEEP_INPUT = "logits_to_keep"
 MS_DOMAIN = "com.microsoft"
-MTP_LOGITS = "mtp_logits"  # edgekit.types.MTP_LOGITS (this module imports nothing of edgekit's at load)
 
 
 def edit_build(proto, untie: bool = True) -> dict[str, object]:

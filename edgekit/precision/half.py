@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import EdgekitError, InternalError
+from edgekit.types import MTP_LOGITS
 from edgekit.precision import _graph_types as gt
 from edgekit.precision._graph_types import BFLOAT16, FIXED_FLOAT_OUTPUTS, FLOAT, FLOAT16, TYPE_BLIND, element_types
 
@@ -83,7 +84,7 @@ CONTROL_FLOW = {"Loop", "Scan", "If"}
 MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather", "Expand",
          "Identity", "Flatten"}  # data movement: values pass through unchanged
 STATE_INPUTS_FP32 = ("past_recurrent.",)
-STATE_OUTPUTS_FP32 = ("present_recurrent.", "logits", "mtp_logits")  # the MTP head's too (export --mtp)
+STATE_OUTPUTS_FP32 = ("present_recurrent.", "logits", MTP_LOGITS)  # the MTP head's too (export --mtp)
 
 
 def convert_to_half(proto: Any, dtype: str, keep: tuple[str, ...] | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-MTP_LOGITS = "mtp_logits"  # edgekit.types.MTP_LOGITS
+from edgekit.types import MTP_LOGITS
 
 
 def twins(proto: Any) -> dict[str, str]:

@@ -93,7 +93,6 @@ class BatchedEngine:
         # An export with --mtp: per row, the head's rows of its last forward (the last at its last position).
         self._takes_mtp = MTP_LOGITS in {o.name for o in session.session.get_outputs()}
         self._heads: list[np.ndarray | None] = [None] * max_batch
-        self._mtp_out: np.ndarray | None = None  # (B, S or keep, vocab) of the last _run
 
     def _zeros(self, io) -> np.ndarray:
         layer = io.layer
@@ -102,9 +101,9 @@ class BatchedEngine:
         dtype = np.float32 if io.part == "recurrent" else self.session.dtype
         return np.zeros((self.max_batch, *layer.states[io.part]), dtype)
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: slice, keep: int = 0) -> np.ndarray:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: slice, keep: int = 0) -> tuple[np.ndarray, Any]:
         """One forward over ``rows``; logits (B, S, vocab), or of the last ``keep`` positions (B, keep, vocab)
-        on a build that takes ``logits_to_keep`` (0: every position)."""
+        on a build that takes ``logits_to_keep`` (0: every position); and the MTP head's rows alike, or None."""
         ort = self.session.ort
         binding = self.session.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
@@ -121,22 +120,21 @@ class BatchedEngine:
             binding.bind_output(MTP_LOGITS, "cpu")  # last: its output index follows the states'
         self.session.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        self._mtp_out = outputs[-1].numpy() if self._takes_mtp else None
-        return outputs[0].numpy()  # (B, S, vocab)
+        return outputs[0].numpy(), outputs[-1].numpy() if self._takes_mtp else None  # (B, S, vocab) each
 
     @property
     def mtp_logits(self) -> np.ndarray | None:
         """Row 0's MTP head rows from its last forward (a verify's ``keep``, else one), or None."""
         return self._heads[0]
 
-    def _keep_heads(self, first: int, lengths: list[int], width: int, rows: int = 1) -> None:
-        """Per row of the last forward: its last ``rows`` head rows at real positions (a verify's
-        ``keep``; one otherwise: a 150k-vocabulary row is 600 KB)."""
-        if self._mtp_out is None:
+    def _keep_heads(self, heads: Any, first: int, lengths: list[int], width: int, rows: int = 1) -> None:
+        """Per row of a forward: its last ``rows`` head rows at real positions (a verify's ``keep``; one
+        otherwise: a 150k-vocabulary row is 600 KB). ``heads``: the forward's, (B, S or keep, vocab)."""
+        if heads is None:
             return
-        skipped = width - self._mtp_out.shape[1]  # positions the graph computed no rows for
+        skipped = width - heads.shape[1]  # positions the graph computed no rows for
         for b, length in enumerate(lengths):
-            valid = self._mtp_out[b, :length - skipped]  # right padding left out
+            valid = heads[b, :length - skipped]  # right padding left out
             self._heads[first + b] = valid[-rows:].copy()
 
     def prefill(self, row: int, ids: list[int], keep_all: bool = False) -> np.ndarray:
@@ -150,12 +148,14 @@ class BatchedEngine:
 
         return prefill_rows(self, first, prompts, keep_all or [False] * len(prompts))
 
-    def forward(self, first: int, seqs: list[list[int]], starts: list[int], keep: int = 0) -> np.ndarray:
+    def forward(self, first: int, seqs: list[list[int]], starts: list[int], keep: int = 0,
+                head_rows: int = 1) -> np.ndarray:
         """Append seqs[b] to row first + b, which holds starts[b] tokens; -> (B, S, vocab), S = the longest.
 
         Shorter rows are right-padded (the caller knows when that is exact). GroupQueryAttention takes
         several rows only as a first prompt (every start 0); a row with a past runs alone. ``keep`` > 0:
         logits of the last ``keep`` positions only, where the graph can (``keeps_logits``), (B, keep, vocab).
+        An MTP head's last ``head_rows`` rows per row are kept for ``mtp_logits``.
         """
         width = max(len(s) for s in seqs)
         ids = np.zeros((len(seqs), width), dtype=np.int64)  # (B, S) right padding
@@ -164,8 +164,8 @@ class BatchedEngine:
         totals = np.asarray(starts, dtype=np.int64) + [len(s) for s in seqs]  # (B,)
         mask = (np.arange(totals.max())[None, :] < totals[:, None]).astype(np.int64)  # (B, T)
         rows = slice(first, first + len(seqs))
-        logits = self._run(ids, mask, rows, keep)
-        self._keep_heads(first, [len(s) for s in seqs], width)
+        logits, heads = self._run(ids, mask, rows, keep)
+        self._keep_heads(heads, first, [len(s) for s in seqs], width, head_rows)
         for past, spare in zip(self.past, self.spare):
             if spare is not None:
                 past[rows] = spare[rows]
@@ -176,8 +176,9 @@ class BatchedEngine:
         totals = np.asarray(lengths, dtype=np.int64) + 1  # (n,)
         mask = (np.arange(totals.max())[None, :] < totals[:, None]).astype(np.int64)  # (n, T) right padding
         ids = np.asarray(tokens, dtype=np.int64).reshape(n, 1)  # (n, 1)
-        logits = self._run(ids, mask, slice(0, n), keep=1)[:, 0]
-        self._keep_heads(0, [1] * n, 1)
+        logits, heads = self._run(ids, mask, slice(0, n), keep=1)
+        logits = logits[:, 0]
+        self._keep_heads(heads, 0, [1] * n, 1)
         for i, spare in enumerate(self.spare):
             if spare is not None:  # the next states are in spare[:n]; rows >= n hold nothing
                 self.past[i], self.spare[i] = spare, self.past[i]
@@ -192,9 +193,7 @@ class BatchedEngine:
         logits (keep, vocab). A model with fixed-size states keeps the row's states first: they
         cannot drop positions, so a rollback returns to them."""
         self._verified = (row, start, start + len(ids), self.states(row) if self.stateful else None)
-        logits = self.forward(row, [ids], [start], keep)[0, -keep:]
-        self._keep_heads(row, [len(ids)], len(ids), keep)  # the head rows the speculator reads
-        return logits
+        return self.forward(row, [ids], [start], keep, head_rows=keep)[0, -keep:]  # its head rows: the speculator's
 
     def verify_room(self, start: int) -> int | None:
         """Tokens a verify from ``start`` may feed: up to the next block end, where a model with states

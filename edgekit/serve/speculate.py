@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
-from edgekit.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens, default_draft_tokens, draft_path
+from edgekit.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens, default_draft_tokens, draft_path, head_rows
 from edgekit.speculative.verify import accept_greedy, accept_sampled
-from edgekit.types import MTP_LOGITS, SIDECAR
+from edgekit.types import SIDECAR
 
 SERVED = "ngram, draft:PATH, draft (the one a build carries) or mtp (the model's MTP head: export --mtp)"
-HEAD_CHOICES = ("mtp",)  # proposers that read the engine's MTP head rows of the last forward
 
 
 def check_choice(choice: str | None, draft_tokens: int | None) -> str | None:
@@ -68,7 +67,7 @@ class Speculator:
     def __init__(self, proposer: Any, draft_tokens: int = DEFAULT_DRAFT_TOKENS, choice: str = ""):
         self.proposer, self.draft_tokens, self.choice = proposer, draft_tokens, choice
         # the MTP head proposes from the last forward's rows: each step is a verify, drafts or not
-        self.every_step = choice in HEAD_CHOICES
+        self.every_step = getattr(proposer, "reads_head_rows", False)
         self._job: Any = lambda: None  # a weak reference to the job the proposer follows (a draft's cache holds its text)
         self._seen = 0  # the text length the proposer last observed
 
@@ -90,7 +89,7 @@ class Speculator:
             kept, token = accept_sampled(rows, drafts, probs, job.sampling, job.rng)
         job.length = engine.rollback(0, cached + len(pending) + kept)
         new = [*drafts[:kept], token]
-        heads = getattr(engine, MTP_LOGITS, None)  # the verify's last rows, the last at its last token
+        heads = head_rows(engine, self.proposer)  # the verify's last rows, the last at its last token
         first = cached if heads is None else cached + len(pending) + len(drafts) - len(heads)
         self.proposer.observe(context + new, first, heads)
         self._seen = len(context) + len(new)
@@ -105,14 +104,14 @@ class Speculator:
     def _propose(self, job: Any, context: list[int], engine: Any, pending: int) -> tuple[list[int], Any]:
         """(draft tokens, their distributions or None) for ``job``: at most what its max_tokens leaves
         after the round's own token, and what the verify may feed (the engine's room, less ``pending``)."""
-        if job is not self._job():  # a new request: the proposer starts afresh (a draft empties its cache)
+        new_job = job is not self._job()
+        if new_job:  # a new request: the proposer starts afresh (a draft empties its cache)
             self._job = weakref.ref(job)
             if hasattr(self.proposer, "restart"):  # a draft or head samples as the request does
                 self.proposer.restart(job.sampling, job.sampling.seed)
-            self.proposer.observe(context, 0, getattr(engine, MTP_LOGITS, None))  # the prefill's rows
-            self._seen = len(context)
-        elif self.every_step and self._seen != len(context):  # plain batched steps since: their last row
-            self.proposer.observe(context, 0, getattr(engine, MTP_LOGITS, None))
+        # the prefill's rows; for the head also the last row of plain batched steps since its last round
+        if new_job or self.every_step and self._seen != len(context):
+            self.proposer.observe(context, 0, head_rows(engine, self.proposer))
             self._seen = len(context)
         k = min(self.draft_tokens, job.max_tokens - len(job.token_ids) - 1)
         room = engine.verify_room(job.length)

@@ -33,7 +33,7 @@ DEFAULT_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 32  # a verify returns (k + 1, vocab) logits: 150k x 33 x 4 bytes = 20 MB at most
 
 __all__ = ["DEFAULT_DRAFT_TOKENS", "MAX_DRAFT_TOKENS", "Proposal", "Proposer", "SpeculativeGeneration",
-           "check_draft_tokens", "default_draft_tokens", "draft_path", "generate_speculative"]
+           "check_draft_tokens", "default_draft_tokens", "draft_path", "generate_speculative", "head_rows"]
 
 
 @dataclass
@@ -74,7 +74,7 @@ def generate_speculative(
     # As plain generate prefills (a build computes the last row's logits alone); an MTP target's
     # last row of head logits proposes the first token.
     context = [*prompt_ids, sample(step_logits(session, list(prompt_ids)), sampling, rng)]
-    proposer.observe(context, 0, getattr(session, MTP_LOGITS, None))
+    proposer.observe(context, 0, head_rows(session, proposer))
     if clock.emit(context[-1:]):
         return result
     while len(result.token_ids) < max_new_tokens:
@@ -102,7 +102,7 @@ def _round(session, proposer: Proposer, context: list[int], k: int, sampling: Sa
         kept, token = accept_sampled(rows, drafts, probs, sampling, rng)
     session.rollback(cached + len(pending) + kept)  # the rest is fed again next round
     new = [*drafts[:kept], token]
-    proposer.observe(context + new, cached, getattr(session, MTP_LOGITS, None))
+    proposer.observe(context + new, cached, head_rows(session, proposer))
     result.proposed += len(drafts)
     result.accepted += kept
     result.rounds += 1
@@ -134,6 +134,13 @@ class _Clock:
                 result.stopped_by = "eos"
                 return True
         return False
+
+
+def head_rows(source, proposer: Proposer):
+    """The MTP head rows of ``source``'s last forward (a session, or a serve engine's row 0) for a
+    proposer that reads them (``reads_head_rows``), else None without asking: a TensorRT session
+    downloads them from the device when they are read."""
+    return getattr(source, MTP_LOGITS, None) if getattr(proposer, "reads_head_rows", False) else None
 
 
 def check_draft_tokens(draft_tokens: int | None, speculative: bool = True, choice: str | None = None) -> None:
@@ -183,7 +190,7 @@ def open_proposer(choice: str, session, sampling: Sampling = Sampling(), threads
     if choice == "mtp":
         from edgekit.speculative.mtp import open_mtp
 
-        return open_mtp(session, sampling, threads)
+        return open_mtp(session, sampling)
     raise EdgekitError(f"--speculative {choice!r} is not a proposer", f"use {PROPOSER_CHOICES}")
 
 

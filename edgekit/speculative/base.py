@@ -7,6 +7,8 @@
                                                  ``first == 0``: a new sequence (after the prefill), so
                                                  a proposer reused across generations starts afresh
     proposer.close()                             optional
+    proposer.reads_head_rows                     optional, True for a proposer that reads the MTP head's
+                                                 rows: only then are they fetched (``head_rows``)
 """
 
 from __future__ import annotations

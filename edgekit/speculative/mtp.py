@@ -25,7 +25,7 @@ from edgekit.speculative.base import Proposal
 from edgekit.types import MTP_LOGITS
 
 
-def open_mtp(session, sampling: Sampling = Sampling(), threads: int | None = None) -> "MtpProposer":
+def open_mtp(session, sampling: Sampling = Sampling()) -> "MtpProposer":
     """The MTP proposer of ``session``'s model, or an error saying how to export one."""
     hint = "export the Qwen3.5/3.6 checkpoint with its head: edgekit export MODEL -o DIR --mtp"
     if MTP_LOGITS not in {t.name for t in session.graph.outputs}:
@@ -38,6 +38,8 @@ def open_mtp(session, sampling: Sampling = Sampling(), threads: int | None = Non
 
 class MtpProposer:
     """Propose the head's token for the position after the committed text, from the last forward's rows."""
+
+    reads_head_rows = True  # observe() takes the target's mtp_logits rows (edgekit.speculative.head_rows)
 
     def __init__(self, sampling: Sampling = Sampling(), seed: int | None = None, vocab: int | None = None):
         self.vocab = vocab  # the target's; an export with --mtp-vocab N proposes among ids 0..N-1 only
