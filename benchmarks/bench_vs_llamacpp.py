@@ -8,9 +8,11 @@ directly, so the tokenizer only makes the folder loadable):
 
 1. the Hugging Face folder: ``qwen3-0.6b`` is Qwen3-0.6B's shape (bench_0_6b.py), ``qwen3_5-0.8b``
    Qwen3.5-0.8B's text model (hybrid: 18 Gated DeltaNet + 6 gated-attention layers);
-2. edgekit's export and its two CPU builds (fp32; int4 with the profile's defaults);
-3. ``edgekit bench BUILD-fp32 --compare edgekit:int4=BUILD-int4,llamacpp:f32=BIN,llamacpp:Q4_0=BIN
-   --prompt-lengths 1,512 --new-tokens 128 --runs N --warmup 1 --threads T``: decode after a one-token
+2. edgekit's export and its CPU builds: fp32; int4 with the profile's defaults; int4 ``--symmetric``
+   (no zero points, Q4_0's form) and ``--symmetric --lm-head-bits 8`` (Q4_0's quality, its 8-bit table);
+3. ``edgekit bench BUILD-fp32 --compare edgekit:int4=BUILD-int4,edgekit:int4-sym=...,edgekit:int4-sym-head8=...,
+   llamacpp:f32=BIN,llamacpp:Q4_0=BIN --prompt-lengths 1,512 --new-tokens 128 --runs N --warmup 1
+   --threads T``: decode after a one-token
    prompt (llama-bench's tg128), 512-token prefill (pp512), contenders alternating in each round; the
    llama.cpp contenders convert the same folder with their own tree's converter (cached);
 4. the table as Markdown (WORK/MODEL/bench.md), with the load average before and after: a run
@@ -65,12 +67,26 @@ def make_qwen3_5_08b(folder: Path) -> None:
 MODELS = {"qwen3-0.6b": make_qwen3_06b, "qwen3_5-0.8b": make_qwen3_5_08b}
 
 
+VARIANTS = {"int4-sym": ["--symmetric"], "int4-sym-head8": ["--symmetric", "--lm-head-bits", "8"]}
+
+
+def _build(folder: Path, name: str, how: list[str]) -> Path:
+    """An extra int4 build of the kept export (made when missing)."""
+    build = folder / f"build-{name}"
+    if not (build / "edgekit.json").is_file():
+        run([EDGEKIT, "build", str(folder / "export-ort-fp32"), "--profile", "cpu-x86-64", "--quant", "int4", *how,
+             "-o", str(build)], check=True)
+    return build
+
+
 def bench(name: str, work: Path, bin_dir: str, runs: int, threads: int) -> str:
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
     MODELS[name](folder / "model")
     fp32, int4 = _bench_0_6b().make_builds(folder / "model", folder, keep_export=True)  # fp32 and int4 cpu-x86-64 builds
-    compare = f"edgekit:int4={int4},llamacpp:f32={bin_dir},llamacpp:Q4_0={bin_dir}"
+    extra = {name: _build(folder, name, how) for name, how in VARIANTS.items()}
+    compare = ",".join([f"edgekit:int4={int4}", *(f"edgekit:{name}={path}" for name, path in extra.items()),
+                        f"llamacpp:f32={bin_dir}", f"llamacpp:Q4_0={bin_dir}"])
     out = folder / "bench.json"
     command = [EDGEKIT, "bench", str(fp32), "--compare", compare, "--prompt-lengths", "1,512", "--new-tokens", "128",
                "--runs", str(runs), "--warmup", "1", "--threads", str(threads), "--output", str(out)]

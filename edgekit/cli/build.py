@@ -44,6 +44,7 @@ def build(
     quant_lm_head: bool = typer.Option(None, "--quant-lm-head/--no-quant-lm-head", help="Quantize the output projection too (default: yes; fp8: no)."),
     quant_embeddings: bool = typer.Option(None, "--quant-embeddings/--no-quant-embeddings", help="int4: quantize the embedding table too (default: yes on CPU profiles, no on GPU ones)."),
     lm_head_bits: int = typer.Option(None, "--lm-head-bits", help="CPU int4: 8 keeps the LM head (and a tied embedding) in 8 bits: closer to fp32, more bytes per token (default 4)."),
+    symmetric: bool = typer.Option(None, "--symmetric/--asymmetric", help="CPU int4: no zero points, llama.cpp's Q4_0 form (MatMulNBits' faster kernel) or a zero point per block (default: the profile's; asymmetric)."),
     graph_only: bool = typer.Option(False, "--graph-only", help=(
         "GPU profiles: write and check the ONNX graph the runtime would get (precision, Q/DQ) into OUT, "
         "without TensorRT or a GPU; --quality then measures it on ONNX Runtime's CPU provider.")),
@@ -67,7 +68,7 @@ def build(
         raise EdgekitError("--graph-only and --dry-run contradict: one writes the graph, the other writes nothing",
                            "drop one of them")
     q = QuantOptions(quant, quant_method, block_size, quant_lm_head, str(calibration) if calibration else None,
-                     quant_embeddings, lm_head_bits)
+                     quant_embeddings, lm_head_bits, symmetric)
     if dry_run:
         plan = plan_build(export_dir, profile, runtime, precision, q, strip_weights)
         problems = environment_problems(plan)
@@ -183,6 +184,8 @@ def _quant(plan: BuildPlan) -> str:
     parts = [f"{plan.quantization} {plan.quant_method or ''}".strip()]
     if plan.quant_block_size:
         parts.append(f"block {plan.quant_block_size}, accuracy level {plan.quant_accuracy_level}")
+    if plan.quant_symmetric:
+        parts.append("symmetric")
     if plan.quant_lm_head_bits == 8:
         parts.append("LM head int8")
     kept = [name for name, on in (("LM head", plan.quant_lm_head), ("embeddings", plan.quant_embeddings)) if on is False]

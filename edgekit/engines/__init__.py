@@ -204,7 +204,8 @@ def _run_backend(graph: ExportedGraph, plan: BuildPlan, out: Path, progress: Pro
 
         settings = QuantSettings(plan.quantization, plan.quant_method, plan.quant_block_size,
                                  plan.quant_accuracy_level, bool(plan.quant_lm_head), plan.calibration,
-                                 bool(plan.quant_embeddings), plan.quant_lm_head_bits or 4)
+                                 bool(plan.quant_embeddings), plan.quant_lm_head_bits or 4,
+                                 bool(plan.quant_symmetric))
         built["quantize"] = quantize_model(graph, model, settings, progress)
     return built
 

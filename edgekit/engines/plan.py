@@ -58,6 +58,7 @@ class BuildPlan:
     calibration: str | None = None
     quant_embeddings: bool | None = None
     quant_lm_head_bits: int | None = None  # int4: 8 keeps the LM head (and a tied embedding) in 8 bits
+    quant_symmetric: bool | None = None  # int4: no zero points (each level q is (q - 8) x scale)
     # The batch / prompt / context ranges built for: the profile's, capped at the model's positions.
     shapes: dict[str, list[int]] | None = None
     notes: list[str] = field(default_factory=list)  # what the plan changed or assumed, for people to read
@@ -102,6 +103,7 @@ def make_plan(graph: ExportedGraph, profile: Profile, runtime: str | None = None
         quant_lm_head=quantize.lm_head if quantize.quantization != "none" else None, calibration=quantize.calibration,
         quant_embeddings=quantize.embeddings if quantize.quantization == "int4" else None,
         quant_lm_head_bits=quantize.lm_head_bits if quantize.quantization == "int4" and quantize.lm_head else None,
+        quant_symmetric=quantize.symmetric if quantize.quantization == "int4" else None,
         shapes={k: [v.min, v.opt, v.max] for k, v in profile.shapes.items()}, notes=notes,
         graph=recipe.to_dict() if recipe else None,
     )
@@ -137,6 +139,7 @@ class QuantOptions:
     # None: yes on CPU profiles, no on GPU ones (TensorRT gathers from a half-precision table).
     embeddings: bool | None = None
     lm_head_bits: int | None = None  # CPU int4: 4 (default) or 8 for the LM head and a tied embedding
+    symmetric: bool | None = None  # CPU int4: no zero points (default: the profile's quant_symmetric, else no)
 
 
 def _quantization(graph: ExportedGraph, profile: Profile, runtime: Any, precision: str | None,
@@ -187,7 +190,10 @@ def _quantization(graph: ExportedGraph, profile: Profile, runtime: Any, precisio
     if head_bits == 8 and (method == "gptq" or not lm_head):
         raise BuildRefused("--lm-head-bits 8 needs --quant-method rtn and a quantized LM head",
                            "drop --lm-head-bits, or use --quant-method rtn without --no-quant-lm-head")
-    return QuantSettings("int4", method=method, block_size=block, lm_head_bits=head_bits,
+    symmetric = asked.symmetric if asked.symmetric is not None else bool(profile.defaults.get("quant_symmetric", False))
+    if symmetric and method == "gptq":
+        raise BuildRefused("--symmetric is for --quant-method rtn", "drop --symmetric, or use --quant-method rtn")
+    return QuantSettings("int4", method=method, block_size=block, lm_head_bits=head_bits, symmetric=symmetric,
                          accuracy_level=profile.defaults.get("quant_accuracy_level", DEFAULT_ACCURACY_LEVEL),
                          lm_head=lm_head, calibration=str(asked.calibration) if asked.calibration else None,
                          embeddings=asked.embeddings is not False)

@@ -57,6 +57,7 @@ class QuantSettings:
     calibration: str | None = None
     embeddings: bool = False  # int4 rtn: the embedding Gather too (GatherBlockQuantized)
     lm_head_bits: int = 4  # int4 rtn: 8 quantizes the LM head (and the tied embedding it shares) to 8 bits
+    symmetric: bool = False  # int4 rtn: no zero points (llama.cpp's Q4_0 form; MatMulNBits' faster kernel)
 
 
 def quantize_model(graph: ExportedGraph, model: Path, settings: QuantSettings,
@@ -126,7 +127,7 @@ def _int4(graph: ExportedGraph, proto, settings: QuantSettings, head: str | None
         algo = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128)
     else:
         # ORT's default weight-only quantizer: blockwise asymmetric round-to-nearest, in C++.
-        algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False,
+        algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=settings.symmetric,
                                                   accuracy_level=settings.accuracy_level)
     what = "int4 GPTQ: calibrating and quantizing" if settings.method == "gptq" else "int4: quantizing weights"
     gather = _embedding(graph, proto)
@@ -138,18 +139,19 @@ def _int4(graph: ExportedGraph, proto, settings: QuantSettings, head: str | None
     if settings.lm_head_bits == 8 and head is not None and head not in exclude:
         # the LM head alone first, in 8 bits; the int4 pass then finds a MatMulNBits there, not a MatMul
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head]
-        eight = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=8,
+        eight = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=settings.symmetric, bits=8,
                                                    accuracy_level=settings.accuracy_level)
         proto = _nbits(nbits, proto, settings, others, eight, progress, "int8: quantizing the LM head")
     proto = _nbits(nbits, proto, settings, exclude, algo, progress, what)
     if weights:  # ORT's RTN laid the nodes out; the clip-searched numbers replace its plain ones
-        _search_ranges(proto, weights, progress)
+        _search_ranges(proto, weights, settings.symmetric, progress)
     figures = {"clip_search": bool(weights), "tied_table_shared": False}
     if tied and share_table(proto, gather, head_output):  # one int4 table for the Gather and the LM head
         return proto, {**figures, "tied_table_shared": True}
     if settings.embeddings:  # a second, RTN pass: ORT quantizes Gather in its default quantizer only
         others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name != gather]
-        algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, op_types_to_quantize=("Gather",),
+        algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=settings.symmetric,
+                                                  op_types_to_quantize=("Gather",),
                                                   quant_axes=(("Gather", 1),))
         proto = _nbits(nbits, proto, settings, others, algo, progress, "int4: quantizing the embedding")
     return proto, figures
@@ -163,20 +165,20 @@ def _matmul_weights(proto, exclude: list[str]) -> dict[str, Any]:
             and len(inits[n.input[1]].dims) == 2}
 
 
-def _search_ranges(proto, weights: dict[str, Any], progress: Progress) -> None:
+def _search_ranges(proto, weights: dict[str, Any], symmetric: bool, progress: Progress) -> None:
     """Overwrite each int4 MatMulNBits' levels, scales and zero points with :func:`clip.quantize_int4`'s."""
     from onnx import helper, numpy_helper
 
     from edgekit.quantize.clip import quantize_int4
 
     inits = {t.name: t for t in proto.graph.initializer}
-    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.output[0] in weights and len(n.input) > 3
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.output[0] in weights
              and all(a.i == 4 for a in n.attribute if a.name == "bits")]  # an 8-bit LM head keeps ORT's RTN
     for done, node in enumerate(nodes):
         progress("int4: searching clip ranges", done, len(nodes))
         block = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size")
-        parts = quantize_int4(numpy_helper.to_array(weights[node.output[0]]), block)
-        for name, array in zip(node.input[1:4], parts):
+        parts = quantize_int4(numpy_helper.to_array(weights[node.output[0]]), block, symmetric)
+        for name, array in zip(node.input[1:4], parts[:2] if symmetric else parts):  # symmetric: no zero points
             old = inits[name]
             old.CopyFrom(numpy_helper.from_array(array.reshape(tuple(old.dims)).astype(
                 helper.tensor_dtype_to_np_dtype(old.data_type)), name))
@@ -185,7 +187,7 @@ def _search_ranges(proto, weights: dict[str, Any], progress: Progress) -> None:
 
 def _nbits(nbits, proto, settings: QuantSettings, exclude: list[str], algo, progress: Progress, what: str):
     quantizer = nbits.MatMulNBitsQuantizer(proto, block_size=settings.block_size or DEFAULT_BLOCK_SIZE,
-                                           is_symmetric=False, accuracy_level=settings.accuracy_level,
+                                           is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
                                            nodes_to_exclude=exclude, algo_config=algo)
     total = _count_calls(quantizer, proto, algo, lambda done, total: progress(what, done, total))
     quantizer.process()

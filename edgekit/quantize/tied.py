@@ -74,19 +74,22 @@ def share_table(proto: Any, gather_name: str, head_output: str) -> bool:
     nodes = {n.name: n for n in proto.graph.node}
     gather = nodes.get(gather_name)
     head = next((n for n in proto.graph.node if head_output in n.output and n.op_type == "MatMulNBits"), None)
-    if gather is None or head is None or len(head.input) < 4:
+    if gather is None or head is None or len(head.input) < 3:
         return False
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
     inits = {t.name: t for t in proto.graph.initializer}
-    zero_points = inits.get(head.input[3])
-    if bits not in (4, 8) or k % block or zero_points is None:
+    zero_points = inits.get(head.input[3]) if len(head.input) > 3 and head.input[3] else None
+    if bits not in (4, 8) or k % block or (zero_points is None and len(head.input) > 3 and head.input[3]):
         return False  # a padded last block would leave padding in each gathered row
     blocks = k // block
-    packed = numpy_helper.to_array(zero_points).reshape(n, -1)
-    if bits == 4:
-        packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
-    unpacked = packed[:, :blocks]
+    if zero_points is None:  # symmetric: MatMulNBits' implied zero point, which GatherBlockQuantized lacks (it takes 0)
+        unpacked = np.full((n, blocks), 1 << (bits - 1), dtype=np.uint8)
+    else:
+        packed = numpy_helper.to_array(zero_points).reshape(n, -1)
+        if bits == 4:
+            packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
+        unpacked = packed[:, :blocks]
     new_inits = [
         numpy_helper.from_array(np.ascontiguousarray(unpacked.reshape(n, blocks, 1)), f"{PREFIX}/zero_points"),
         numpy_helper.from_array(np.array([n, blocks, 1], dtype=np.int64), f"{PREFIX}/scale_shape"),

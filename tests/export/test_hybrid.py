@@ -35,11 +35,24 @@ def _all_ops(model: onnx.ModelProto) -> Counter:
     return ops
 
 
-def test_ort_target_uses_the_fused_kernels(exported):
-    ops = _all_ops(onnx.load(str(exported(ARCH, "ort") / "model.onnx")))
-    assert ops[("com.microsoft", "LinearAttention")] == 3 and ops[("com.microsoft", "CausalConvWithState")] == 3
-    assert ops[("com.microsoft", "GroupQueryAttention")] == 1
+def test_ort_target_uses_the_fused_kernels(exported, tmp_path):
+    """The delta rule on ORT's LinearAttention; the conv as a depthwise Conv that ORT's optimizer
+    turns into its NCHWc kernel (the faster one, benchmarks/NOTES.md); fp16 keeps CausalConvWithState."""
+    import onnxruntime as ort
+
+    model = exported(ARCH, "ort") / "model.onnx"
+    ops = _all_ops(onnx.load(str(model)))
+    assert ops[("com.microsoft", "LinearAttention")] == 3 and ("com.microsoft", "CausalConvWithState") not in ops
+    assert ops[("", "Conv")] == 3 and ops[("com.microsoft", "GroupQueryAttention")] == 1
     assert ("", "Loop") not in ops
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    optimized = _all_ops(onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False))
+    assert optimized[("com.microsoft.nchwc", "Conv")] == 3 and ("", "Conv") not in optimized
+    half = _all_ops(onnx.load(str(exported(ARCH, "ort", "fp16") / "model.onnx"), load_external_data=False))
+    assert half[("com.microsoft", "CausalConvWithState")] == 3 and ("", "Conv") not in half
 
 
 @pytest.mark.parametrize("target", ["portable", "decomposed"])

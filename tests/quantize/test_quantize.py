@@ -127,14 +127,17 @@ def test_sidecar_records_quantization(built):
     assert data["quantize"]["model_bytes"] < data["quantize"]["fp32_model_bytes"]
 
 
-def test_tied_embedding_reads_the_lm_head_int4_table(built):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_tied_embedding_reads_the_lm_head_int4_table(built, symmetric):
     """tiny-code ties its embedding and LM head: one int4 table, and each gathered row is that
-    table's dequantized row (MatMulNBits layout: low nibble first, asymmetric per block)."""
+    table's dequantized row (MatMulNBits layout: low nibble first; a zero point per block, or
+    symmetric: none, each level q meaning (q - 8) x scale)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    folder = built("int4-rtn", quantization="int4", method="rtn")
+    folder = (built("int4-sym", quantization="int4", method="rtn", symmetric=True) if symmetric
+              else built("int4-rtn", quantization="int4", method="rtn"))
     figures = json.loads((folder / "edgekit.json").read_text())["build"]["quantize"]
     assert figures["tied_table_shared"] is True and figures["clip_search"] is True
     model = onnx.load(str(folder / "model.onnx"))
@@ -146,9 +149,14 @@ def test_tied_embedding_reads_the_lm_head_int4_table(built):
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == gather.input[0])
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     block = attrs["block_size"]
-    data, scales, zeros = (numpy_helper.to_array(inits[name]) for name in head.input[1:4])
+    assert all(n.op_type != "MatMulNBits" or (len(n.input) == 3) == symmetric for n in model.graph.node)
+    data, scales = (numpy_helper.to_array(inits[name]) for name in head.input[1:3])
     nibbles = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(vocab, hidden // block, block)
-    zeros = np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(vocab, -1)[:, :hidden // block]
+    if symmetric:
+        zeros = np.full((vocab, hidden // block), 8)
+    else:
+        zeros = numpy_helper.to_array(inits[head.input[3]])
+        zeros = np.stack([zeros & 0x0F, zeros >> 4], axis=-1).reshape(vocab, -1)[:, :hidden // block]
     levels = nibbles.astype(np.float32) - zeros[..., None].astype(np.float32)
     rows = (levels * scales.reshape(vocab, -1, 1)).reshape(vocab, hidden)
 
@@ -182,6 +190,21 @@ def test_an_8_bit_lm_head_is_shared_by_the_embedding_and_closer_to_fp32(built, q
     eight, four = quality("int4-head8"), quality("int4-rtn")
     assert eight.passed and eight.kl_divergence < 0.5 * four.kl_divergence, (eight, four)
     assert eight.top1_agreement > four.top1_agreement
+
+
+def test_symmetric_int4_is_within_the_asymmetric_quality(built, quality):
+    """No zero points (llama.cpp's Q4_0 form): the clip-searched scales keep the measured quality
+    close to the asymmetric build's, with the 4- and the 8-bit LM head."""
+    built("int4-sym", quantization="int4", method="rtn", symmetric=True)
+    built("int4-rtn", quantization="int4", method="rtn")
+    built("int4-sym-head8", quantization="int4", method="rtn", symmetric=True, lm_head_bits=8)
+    built("int4-head8", quantization="int4", method="rtn", lm_head_bits=8)
+    plan = json.loads((built("int4-sym") / "edgekit.json").read_text())["build"]
+    assert plan["quant_symmetric"] is True and plan["quantize"]["clip_search"] is True
+    for sym, asym in (("int4-sym", "int4-rtn"), ("int4-sym-head8", "int4-head8")):
+        a, b = quality(sym), quality(asym)
+        assert a.passed and a.kl_divergence < 1.3 * b.kl_divergence, (sym, a, b)
+        assert a.top1_agreement > b.top1_agreement - 0.03, (sym, a, b)
 
 
 def test_int4_is_under_30_percent_of_fp32_on_large_matrices(tmp_path):
@@ -267,6 +290,13 @@ def test_lm_head_bits_refusals_as_printed(exported, tmp_path):
     assert not out.exists()
     plan = edgekit("build", path, "--profile", PROFILE, "--quant", "int4", "--lm-head-bits", "8", "--dry-run")
     assert plan.returncode == 0 and "LM head int8" in plan.stdout, plan.stderr
+    gptq = edgekit("build", path, "--profile", PROFILE, "--quant", "int4", "--quant-method", "gptq", "--calibration",
+                   str(HELDOUT), "--symmetric", "-o", str(out))
+    assert gptq.returncode == 1 and gptq.stderr.splitlines()[:2] == [
+        "error: --symmetric is for --quant-method rtn", "hint: drop --symmetric, or use --quant-method rtn"]
+    assert not out.exists()
+    plan = edgekit("build", path, "--profile", PROFILE, "--quant", "int4", "--symmetric", "--dry-run")
+    assert plan.returncode == 0 and "symmetric" in plan.stdout, plan.stderr
 
 
 def test_llamacpp_scheme_scores_the_second_half_of_whole_windows(built):

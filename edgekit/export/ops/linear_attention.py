@@ -7,8 +7,9 @@ gated_delta_rule(q, k (B, S, Hk*dk), v (B, S, Hv*dv), g, beta (B, S, Hv), past_s
     value heads; per token:  S = exp(g) S;  S += k ⊗ beta (v - Sᵀk);  o = Sᵀq.  The state is fp32.
 
 Lowerings:
-    ort        com.microsoft CausalConvWithState and LinearAttention (update_rule gated_delta),
-               ONNX Runtime's fused CPU/CUDA kernels.
+    ort        the conv as a channels-last depthwise Conv (ORT's NCHWc kernel; faster than
+               com.microsoft CausalConvWithState at every length measured; half precision keeps that
+               op), and com.microsoft LinearAttention (update_rule gated_delta).
     portable / decomposed   standard ops. The conv is Concat + grouped Conv + Slice. The delta rule
                runs in the chunked parallel form (module ``_chunked``): chunk-local work as batched
                MatMuls, then one Loop over chunks, so neither graph size nor prefill time grows token
@@ -77,6 +78,8 @@ def _(q, k, v, g, beta, past_state, num_k_heads, num_v_heads, scale):
 
 def _conv_ort(ctx, node):
     x, weight, past = node.inputs
+    if x.dtype == FLOAT:  # ORT's CPU EP has no float16 Conv: half-precision graphs keep the fused op
+        return _conv_channels_last(ctx, node)
     ctx.prefix = f"/model/{node.name}/conv"
     activation = "silu" if node.attributes["activation"].as_int() == 1 else "none"
     w3 = ctx.op("Unsqueeze", [weight, ctx.const([1])])  # (C, 1, K)
@@ -84,6 +87,30 @@ def _conv_ort(ctx, node):
     y, present = ctx.multi("CausalConvWithState", [x_cf, w3, None, past], {"activation": activation}, 2,
                            domain="com.microsoft")
     return [ctx.op("Transpose", [y], {"perm": [0, 2, 1]}), present]  # (B, S, C)
+
+
+def _conv_channels_last(ctx, node):
+    """The conv as a depthwise 2-D Conv over [past, x] in (B, 1, T, C) layout, for ONNX Runtime.
+
+    ORT's graph optimizer turns it into its NCHWc depthwise kernel, and folds the Transposes on
+    either side into that kernel's channels-last reorders. Measured against com.microsoft's
+    CausalConvWithState (18 layers of 6144 channels, the Qwen3.5-0.8B shape, 2 threads): 1.35 vs
+    2.4 ms for one token, 1.9 vs 5.9 ms for two (a speculative verify), 2.6 vs 6.3 ms for four.
+    """
+    x, weight, past = node.inputs
+    ctx.prefix = f"/model/{node.name}/conv"
+    channels = _chunked.static_last(weight, 0)
+    w4 = ctx.op("Unsqueeze", [weight, ctx.const([1, 2])])  # (C, 1, 1, K)
+    past_t = ctx.op("Transpose", [past], {"perm": [0, 2, 1]})  # (B, K-1, C)
+    full = ctx.op("Concat", [past_t, x], {"axis": 1})  # (B, K-1+S, C)
+    nchw = ctx.op("Transpose", [ctx.op("Unsqueeze", [full, ctx.const([1])])], {"perm": [0, 3, 1, 2]})  # (B, C, 1, T)
+    y = ctx.op("Conv", [nchw, w4], {"group": channels})  # (B, C, 1, S)
+    y = ctx.op("Squeeze", [ctx.op("Transpose", [y], {"perm": [0, 2, 3, 1]}), ctx.const([1])])  # (B, S, C)
+    if node.attributes["activation"].as_int() == 1:
+        y = ctx.op("Mul", [y, ctx.op("Sigmoid", [y])])
+    state_len = ctx.op("Shape", [past], {"start": 2, "end": 3})  # (1,) = K-1
+    tail = ctx.op("Slice", [full, ctx.op("Neg", [state_len]), ctx.const([2**62]), ctx.const([1])])  # (B, K-1, C)
+    return [y, ctx.op("Transpose", [tail], {"perm": [0, 2, 1]})]  # (B, C, K-1)
 
 
 def _conv_standard(ctx, node):
