@@ -16,6 +16,8 @@ perplexity and top-1 agreement move by < 0.1%). Only the zero points are stored 
 unpacked (vocab x K / block bytes):
 MatMulNBits packs two blocks per byte along K, GatherBlockQuantized packs along its block axis.
 An 8-bit LM head (``--lm-head-bits 8``) shares the same way (one level, one zero point per byte).
+A symmetric head (``--symmetric``) has no zero points: MatMulNBits implies 8 (128 at 8 bits), while
+GatherBlockQuantized would take 0 for uint4 data, so the Gather gets that constant spelled out.
 """
 
 from __future__ import annotations
@@ -79,9 +81,10 @@ def share_table(proto: Any, gather_name: str, head_output: str) -> bool:
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
     inits = {t.name: t for t in proto.graph.initializer}
-    zero_points = inits.get(head.input[3]) if len(head.input) > 3 and head.input[3] else None
-    if bits not in (4, 8) or k % block or (zero_points is None and len(head.input) > 3 and head.input[3]):
-        return False  # a padded last block would leave padding in each gathered row
+    named = head.input[3] if len(head.input) > 3 else ""  # "": symmetric, no zero points
+    zero_points = inits.get(named) if named else None
+    if bits not in (4, 8) or k % block or (named and zero_points is None):
+        return False  # a padded last block would leave padding in each gathered row; computed zero points
     blocks = k // block
     if zero_points is None:  # symmetric: MatMulNBits' implied zero point, which GatherBlockQuantized lacks (it takes 0)
         unpacked = np.full((n, blocks), 1 << (bits - 1), dtype=np.uint8)
