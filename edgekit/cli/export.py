@@ -25,6 +25,7 @@ def export(
         "so a model bigger than memory comes out small. Same arithmetic as `edgekit build --quant` (RTN)."
     )),
     block_size: int = typer.Option(None, help="int4/int8: weights per scale (power of two >= 16; default 32)."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="int4: no zero points, llama.cpp Q4_0's form (faster MatMulNBits), as `edgekit build --symmetric`."),
     in_memory: bool = typer.Option(False, "--in-memory", help=(
         "Load the whole model instead of streaming weights from its safetensors (used anyway without them)."
     )),
@@ -46,7 +47,7 @@ def export(
 
     console.print(f"Exporting {escape(model)} ({target}, {dtype}{'' if quant == 'none' else ', ' + quant})...")
     graph = export_model(model, out, target=target, dtype=dtype, force=force, quant=quant, block_size=block_size,
-                         in_memory=in_memory, progress=True, mtp=mtp, mtp_vocab=mtp_vocab)
+                         in_memory=in_memory, progress=True, mtp=mtp, mtp_vocab=mtp_vocab, symmetric=symmetric)
     ops = ", ".join(graph.custom_ops) or "standard ONNX ops only"
     resumed = graph.weights.get("resumed_after", 0) if graph.weights else 0
     note = f", resumed after {resumed} tensors" if resumed else ""

@@ -39,7 +39,7 @@ TRACE_EXAMPLE = (2, 3, 5)
 def export_model(
     model: str, out: str | Path, target: str = "ort", dtype: str = "fp32", force: bool = False,
     quant: str = "none", block_size: int | None = None, in_memory: bool = False, progress: bool = False,
-    mtp: bool = False, mtp_vocab: int | None = None,
+    mtp: bool = False, mtp_vocab: int | None = None, symmetric: bool = False,
 ) -> ExportedGraph:
     """Export ``model`` (folder, preset or hub id) to ``out`` for ``target`` (one of ``TARGETS``).
 
@@ -51,6 +51,7 @@ def export_model(
     an interrupted export resumes there after its last complete tensor. ``mtp``: a Qwen3.5/3.6
     checkpoint's MTP head runs inside the graph (edgekit.export.mtp), for ``--speculative mtp``;
     ``mtp_vocab``: its LM head reads only the first that many ids (``edgekit.export.mtp.narrow_head``).
+    ``symmetric``: int4 without zero points (as ``edgekit build --symmetric``).
     """
     from edgekit.errors import require
 
@@ -63,6 +64,8 @@ def export_model(
         from edgekit.export.quantize import check_block_size
 
         check_block_size(block_size)
+    if symmetric and quant != "int4":
+        raise EdgekitError("--symmetric applies with --quant int4", "add --quant int4, or drop --symmetric")
     require("torch", "export")
     if mtp_vocab is not None and not mtp:
         raise EdgekitError("--mtp-vocab applies with --mtp", "add --mtp, or drop --mtp-vocab")
@@ -85,9 +88,10 @@ def export_model(
 
         layers = (*layers, mtp_layer(arch))
     settings = {"target": target, "dtype": dtype, "quant": quant, "block_size": block_size, "mtp": mtp,
-                "mtp_vocab": mtp_vocab}
+                "mtp_vocab": mtp_vocab, **({"symmetric": True} if symmetric else {})}  # resumes older partials
     with _interruptible(out), resumable_dir(out, force, "export", resumable=journaled_tensors) as work:
-        onnx_model, figures = _build_graph(hf_model, arch, layers, source, target, quant, block_size, mtp_vocab)
+        onnx_model, figures = _build_graph(hf_model, arch, layers, source, target, quant, block_size, mtp_vocab,
+                                           symmetric)
         written = _save(onnx_model, work / "model.onnx", [source.describe(), settings], progress)
         tokenizer_files = _copy_tokenizer(folder, work)
         graph = ExportedGraph(
@@ -144,7 +148,7 @@ def _weights(folder: Path, config, dtype: str, arch, in_memory: bool, mtp: bool 
 
 
 def _build_graph(hf_model, arch, layers, source, target: str, quant: str, block_size: int | None,
-                 mtp_vocab: int | None = None):
+                 mtp_vocab: int | None = None, symmetric: bool = False):
     """Trace, attach lazy weights, fold, optimize, lower, fold again, (narrow the MTP head,) quantize:
     no weight is read."""
     import onnxscript
@@ -169,7 +173,7 @@ def _build_graph(hf_model, arch, layers, source, target: str, quant: str, block_
     if quant != "none":
         from edgekit.export.quantize import quantize_graph
 
-        figures = quantize_graph(onnx_model, quant, block_size)
+        figures = quantize_graph(onnx_model, quant, block_size, symmetric=symmetric)
     return onnx_model, figures
 
 

@@ -6,8 +6,9 @@ quantized tensor is computed only when the writer reaches it:
     MatMul(x, W)       ─int4/int8→ com.microsoft.MatMulNBits(x, W_q, scales, zero_points)
     Gather(E, ids)     ─int4─────→ com.microsoft.GatherBlockQuantized(E_q, ids, scales, zero_points)
 
-The arithmetic is the build's: int4 MatMuls take :mod:`edgekit.quantize.clip` (asymmetric
-round-to-nearest per block over a clip-searched range), int8 ONNX Runtime's ``quantize_matmul_8bits``,
+The arithmetic is the build's: int4 MatMuls take :mod:`edgekit.quantize.clip` (round-to-nearest
+per block over a clip-searched range; asymmetric, or with ``symmetric`` no zero points at all),
+int8 ONNX Runtime's ``quantize_matmul_8bits``,
 the embedding ORT's numpy Gather quantizer, so the result matches ``edgekit build --quant int4``
 with RTN (except that the build's tied embedding reads the LM head's table). Past ``SEARCH_LIMIT``
 MatMul weights the int4 ranges are ORT's plain RTN (``quantize_matmul_4bits``): the search would
@@ -30,7 +31,8 @@ CHUNK_BYTES = 64 << 20  # fp32 bytes of weight quantized per slice
 
 
 def quantize_graph(model: Any, quant: str, block_size: int | None = None,
-                   accuracy_level: int = DEFAULT_ACCURACY_LEVEL, embeddings: bool = True) -> dict[str, Any]:
+                   accuracy_level: int = DEFAULT_ACCURACY_LEVEL, embeddings: bool = True,
+                   symmetric: bool = False) -> dict[str, Any]:
     """Rewrite ``model``'s MatMuls (and, for int4, the embedding Gather) over lazy weights; returns figures."""
     from edgekit.errors import require
     from edgekit.export.lazy import drop_unused
@@ -49,22 +51,22 @@ def quantize_graph(model: Any, quant: str, block_size: int | None = None,
     for node, weight in targets:
         if node.op_type == "MatMul":
             if (node.op_type, weight.name) not in quantized:
-                quantized[node.op_type, weight.name] = _matmul_weights(graph, weight, bits, block, search)
+                quantized[node.op_type, weight.name] = _matmul_weights(graph, weight, bits, block, search, symmetric)
             _replace(graph, node, "MatMulNBits", [node.inputs[0], *quantized[node.op_type, weight.name]],
                      {"K": weight.shape[0], "N": weight.shape[1], "bits": bits, "block_size": block,
                       "accuracy_level": accuracy_level})
             matmuls += 1
         elif embeddings and bits == 4 and node.attributes.get_int("axis", 0) == 0:
             if (node.op_type, weight.name) not in quantized:
-                quantized[node.op_type, weight.name] = _gather_inputs(graph, weight, block)
+                quantized[node.op_type, weight.name] = _gather_inputs(graph, weight, block, symmetric)
             data, scales, zero_points = quantized[node.op_type, weight.name]
-            _replace(graph, node, "GatherBlockQuantized", [data, node.inputs[1], scales, zero_points],
-                     {"gather_axis": 0, "quantize_axis": 1, "block_size": block})
+            inputs = [data, node.inputs[1], scales] + ([zero_points] if zero_points is not None else [])
+            _replace(graph, node, "GatherBlockQuantized", inputs, {"gather_axis": 0, "quantize_axis": 1, "block_size": block})
             gathers += 1
     graph.opset_imports.setdefault("com.microsoft", 1)
     drop_unused(graph)
     return {"quantization": quant, "method": "rtn", "block_size": block, "accuracy_level": accuracy_level,
-            "symmetric": False, "clip_search": search, "quantized_matmuls": matmuls, "quantized_gathers": gathers,
+            "symmetric": symmetric, "clip_search": search, "quantized_matmuls": matmuls, "quantized_gathers": gathers,
             "at": "export"}
 
 
@@ -133,7 +135,8 @@ def _lazy_values(graph: Any, job: _Job, name: str, specs: list[tuple[str, Any, t
     return values
 
 
-def _matmul_weights(graph: Any, weight: Any, bits: int, block: int, search: bool) -> list[Any]:
+def _matmul_weights(graph: Any, weight: Any, bits: int, block: int, search: bool, symmetric: bool = False) -> list[Any]:
+    """MatMulNBits' (B, scales[, zero points]) for ``weight``; symmetric: no zero points (MatMulNBits implies 8)."""
     import onnx_ir as ir
 
     k, n = weight.shape
@@ -141,16 +144,16 @@ def _matmul_weights(graph: Any, weight: Any, bits: int, block: int, search: bool
     blob = block * bits // 8
     zp_cols = -(-blocks * bits // 8)
     scale_dtype = weight.const_value.dtype
-    job = _Job(lambda: _quantize_matmul(weight.const_value, bits, block, search))
-    return _lazy_values(graph, job, weight.name, [
-        (f".q{bits}", ir.DataType.UINT8, (n, blocks, blob)),
-        (".scales", scale_dtype, (n, blocks)),
-        (".zero_points", ir.DataType.UINT8, (n, zp_cols)),
-    ])
+    job = _Job(lambda: _quantize_matmul(weight.const_value, bits, block, search, symmetric))
+    specs = [(f".q{bits}", ir.DataType.UINT8, (n, blocks, blob)), (".scales", scale_dtype, (n, blocks))]
+    if not symmetric:
+        specs.append((".zero_points", ir.DataType.UINT8, (n, zp_cols)))
+    return _lazy_values(graph, job, weight.name, specs)
 
 
-def _quantize_matmul(tensor: Any, bits: int, block: int, search: bool) -> tuple[np.ndarray, ...]:
-    """Blockwise RTN over column slices of the (K, N) weight -> (packed, scales, zero points)."""
+def _quantize_matmul(tensor: Any, bits: int, block: int, search: bool, symmetric: bool = False) -> tuple[np.ndarray, ...]:
+    """Blockwise RTN over column slices of the (K, N) weight -> (packed, scales, zero points); symmetric:
+    (packed, scales)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     from edgekit.quantize.clip import quantize_int4
@@ -167,15 +170,19 @@ def _quantize_matmul(tensor: Any, bits: int, block: int, search: bool) -> tuple[
         stop = min(n, start + step)
         columns = columns_of(start, stop).astype(np.float32)  # (K, cols)
         if search:  # the build's int4 RTN: clipped ranges (edgekit.quantize.clip)
-            packed[start:stop], scales[start:stop], zero_points[start:stop] = quantize_int4(columns, block)
+            parts = quantize_int4(columns, block, symmetric)
+            packed[start:stop], scales[start:stop] = parts[:2]
+            if not symmetric:
+                zero_points[start:stop] = parts[2]
             continue
         if blocks * block != k:
             columns = np.pad(columns, ((0, blocks * block - k), (0, 0)))
         columns = np.ascontiguousarray(columns)
         # Slices of the first axis are contiguous views: the kernel fills the outputs in place.
         quantize(packed[start:stop], columns, scales[start:stop], zero_points[start:stop], block, stop - start,
-                 blocks * block, False)
-    return packed, scales.astype(tensor.dtype.numpy(), copy=False), zero_points
+                 blocks * block, symmetric)
+    scales = scales.astype(tensor.dtype.numpy(), copy=False)
+    return (packed, scales) if symmetric else (packed, scales, zero_points)
 
 
 def _slicer(recipe: Any, axis: str):
@@ -192,22 +199,25 @@ def _slicer(recipe: Any, axis: str):
     return lambda start, stop: whole[start:stop]
 
 
-def _gather_inputs(graph: Any, weight: Any, block: int) -> list[Any]:
-    """The quantized table's (data, scales, zero points): GatherBlockQuantized's inputs but the indices."""
+def _gather_inputs(graph: Any, weight: Any, block: int, symmetric: bool = False) -> list[Any]:
+    """The quantized table's (data, scales, zero points): GatherBlockQuantized's inputs but the indices.
+
+    Symmetric: signed int4 data and no zero points (GatherBlockQuantized's default for int4 is 0),
+    as ORT's numpy quantizer writes them."""
     import onnx_ir as ir
 
     rows, cols = weight.shape
     blocks = -(-cols // block)
-    job = _Job(lambda: _quantize_rows(weight.const_value, block))
-    data, scales, zero_points = _lazy_values(graph, job, weight.name, [
-        (".q4", ir.DataType.UINT4, (rows, cols)),
-        (".scales", weight.const_value.dtype, (rows, blocks)),
-        (".zero_points", ir.DataType.UINT4, (rows, blocks)),
-    ])
-    return [data, scales, zero_points]
+    job = _Job(lambda: _quantize_rows(weight.const_value, block, symmetric))
+    specs = [(".q4", ir.DataType.INT4 if symmetric else ir.DataType.UINT4, (rows, cols)),
+             (".scales", weight.const_value.dtype, (rows, blocks))]
+    if not symmetric:
+        specs.append((".zero_points", ir.DataType.UINT4, (rows, blocks)))
+    values = _lazy_values(graph, job, weight.name, specs)
+    return values if not symmetric else [*values, None]
 
 
-def _quantize_rows(tensor: Any, block: int) -> tuple[np.ndarray, ...]:
+def _quantize_rows(tensor: Any, block: int, symmetric: bool = False) -> tuple[np.ndarray, ...]:
     """ORT's numpy int4 quantizer (blocks along the hidden axis) over row slices of the table."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
@@ -220,8 +230,10 @@ def _quantize_rows(tensor: Any, block: int) -> tuple[np.ndarray, ...]:
         block_rows = rows_of(start, stop)
         with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks: scale 0, handled by ORT's code
             data, scales, zero_points = DefaultWeightOnlyQuantizer.quantize_ndarray(
-                block_rows.astype(np.float32), 1, block, False)
+                block_rows.astype(np.float32), 1, block, symmetric)
         for part, array in zip(parts, (data, scales, zero_points)):
             part.append(array)
     scales = np.concatenate(parts[1]).astype(tensor.dtype.numpy(), copy=False)
+    if symmetric:  # signed levels, no zero points
+        return np.concatenate(parts[0]), scales
     return np.concatenate(parts[0]), scales, np.concatenate(parts[2])

@@ -80,6 +80,31 @@ def test_export_int4_quality(int4_export):
     assert report.top1_agreement >= 0.88 and report.passed, report
 
 
+def test_symmetric_export_equals_the_symmetric_build_and_keeps_quality(tmp_path):
+    """``--symmetric``: no zero points on MatMulNBits (the build's clip-searched numbers) nor on the
+    embedding's GatherBlockQuantized (signed int4, as ORT's quantizer writes it)."""
+    graph = export_model(PRESET, tmp_path / "sym", quant="int4", symmetric=True)
+    assert graph.quantization["symmetric"] is True and graph.quantization["quantized_gathers"] == 1
+    proto = onnx.load(str(graph.model_path), load_external_data=False)
+    assert {len(n.input) for n in proto.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")} == {3}
+    fp32 = export_model(PRESET, tmp_path / "fp32")
+    build_engine(fp32.path, "cpu-x86-64", tmp_path / "build",
+                 quant=QuantOptions(quantization="int4", method="rtn", symmetric=True))
+    assert _nbits_weights(graph.model_path) == _nbits_weights(tmp_path / "build" / "model.onnx")
+    report = measure_quality(graph.path, PRESET, HELDOUT)
+    assert report.perplexity <= report.reference_perplexity * 1.06, report
+    assert report.top1_agreement >= 0.88 and report.passed, report
+
+
+def test_symmetric_without_int4_is_refused_as_printed(tmp_path):
+    from tests.cli.test_cli import edgekit
+
+    result = edgekit("export", PRESET, "-o", str(tmp_path / "x"), "--quant", "int8", "--symmetric")
+    assert result.returncode == 1 and result.stderr.splitlines()[-2:] == [
+        "error: --symmetric applies with --quant int4", "hint: add --quant int4, or drop --symmetric"]
+    assert not (tmp_path / "x").exists()
+
+
 def test_export_int8_quality(tmp_path):
     graph = export_model(PRESET, tmp_path / "int8", quant="int8", block_size=64)
     assert "com.microsoft.MatMulNBits" in graph.ops and graph.quantization["block_size"] == 64
