@@ -44,7 +44,7 @@ def build(
     quant_lm_head: bool = typer.Option(None, "--quant-lm-head/--no-quant-lm-head", help="Quantize the output projection too (default: yes; fp8: no)."),
     quant_embeddings: bool = typer.Option(None, "--quant-embeddings/--no-quant-embeddings", help="int4: quantize the embedding table too (default: yes on CPU profiles, no on GPU ones)."),
     lm_head_bits: int = typer.Option(None, "--lm-head-bits", help="CPU int4: 8 keeps the LM head (and a tied embedding) in 8 bits: closer to fp32, more bytes per token (default 4)."),
-    symmetric: bool = typer.Option(None, "--symmetric/--asymmetric", help="CPU int4: no zero points, llama.cpp's Q4_0 form (MatMulNBits' faster kernel) or a zero point per block (default: the profile's; asymmetric)."),
+    symmetric: bool = typer.Option(None, "--symmetric/--asymmetric", help="CPU int4: no zero points, llama.cpp's Q4_0 form (MatMulNBits' faster kernel) or a zero point per block (default: asymmetric)."),
     graph_only: bool = typer.Option(False, "--graph-only", help=(
         "GPU profiles: write and check the ONNX graph the runtime would get (precision, Q/DQ) into OUT, "
         "without TensorRT or a GPU; --quality then measures it on ONNX Runtime's CPU provider.")),

@@ -139,7 +139,7 @@ class QuantOptions:
     # None: yes on CPU profiles, no on GPU ones (TensorRT gathers from a half-precision table).
     embeddings: bool | None = None
     lm_head_bits: int | None = None  # CPU int4: 4 (default) or 8 for the LM head and a tied embedding
-    symmetric: bool | None = None  # CPU int4: no zero points (default: the profile's quant_symmetric, else no)
+    symmetric: bool | None = None  # CPU int4: no zero points (default: no, a zero point per block)
 
 
 def _quantization(graph: ExportedGraph, profile: Profile, runtime: Any, precision: str | None,
@@ -190,7 +190,7 @@ def _quantization(graph: ExportedGraph, profile: Profile, runtime: Any, precisio
     if head_bits == 8 and (method == "gptq" or not lm_head):
         raise BuildRefused("--lm-head-bits 8 needs --quant-method rtn and a quantized LM head",
                            "drop --lm-head-bits, or use --quant-method rtn without --no-quant-lm-head")
-    symmetric = asked.symmetric if asked.symmetric is not None else bool(profile.defaults.get("quant_symmetric", False))
+    symmetric = bool(asked.symmetric)
     if symmetric and method == "gptq":
         raise BuildRefused("--symmetric is for --quant-method rtn", "drop --symmetric, or use --quant-method rtn")
     return QuantSettings("int4", method=method, block_size=block, lm_head_bits=head_bits, symmetric=symmetric,

@@ -126,7 +126,7 @@ def _int4(graph: ExportedGraph, proto, settings: QuantSettings, head: str | None
         reader = CalibrationReader(graph, _calibration_ids(graph, settings.calibration), extra)
         algo = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128)
     else:
-        # ORT's default weight-only quantizer: blockwise asymmetric round-to-nearest, in C++.
+        # ORT's default weight-only quantizer: blockwise round-to-nearest (asymmetric unless --symmetric), in C++.
         algo = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=settings.symmetric,
                                                   accuracy_level=settings.accuracy_level)
     what = "int4 GPTQ: calibrating and quantizing" if settings.method == "gptq" else "int4: quantizing weights"

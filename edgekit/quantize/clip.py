@@ -14,7 +14,7 @@ blocks per byte, low nibble first). K is zero-padded to whole blocks, as the ker
 Symmetric (``symmetric=True``, llama.cpp's Q4_0 form): no zero points, a level q means
 (q - 8) * scale, and the scale is searched the same way: the block's largest-magnitude weight
 times r maps onto level 0 (-8), as ONNX Runtime's symmetric RTN maps it. MatMulNBits' int8 kernel
-skips the zero-point term then: decode ~7% faster on the 0.6B shape (benchmarks/NOTES.md).
+skips the zero-point term then: decode 7-16% faster on the 0.6B shape (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ def quantize_int4(weight: np.ndarray, block: int,
     scales = np.empty((n, blocks), dtype=np.float32)
     zeros = np.full((n, blocks + blocks % 2), 8, dtype=np.uint8)  # an odd count's spare nibble: 8, as ORT writes
     step = max(1, CHUNK_VALUES // (blocks * block))
+    search = _search_symmetric if symmetric else _search
     for start in range(0, n, step):
         stop = min(n, start + step)
         columns = np.asarray(weight[:, start:stop], dtype=np.float32).T  # (cols, K)
         if blocks * block != k:
             columns = np.pad(columns, ((0, 0), (0, blocks * block - k)))
-        search = _search_symmetric if symmetric else _search
         q, scales[start:stop], zeros[start:stop, :blocks] = search(columns.reshape(stop - start, blocks, block))
         packed[start:stop] = q[..., 0::2] | (q[..., 1::2] << 4)
     return packed, scales, None if symmetric else zeros[:, 0::2] | (zeros[:, 1::2] << 4)
